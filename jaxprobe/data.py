@@ -1,0 +1,71 @@
+"""Labelled text sets through `datasets`: the project's offline copies (IMDB, SST-2 in `data/`),
+any local csv/json/parquet file, or any `datasets` name. Every loader returns a `datasets.Dataset`
+with exactly two columns, `text` (str) and `label` (int), in the source's row order, so Hub-style
+indices and `shuffle(seed=...)` carry over.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jaxprobe.errors import UserError
+
+DATA_DIR = Path(os.environ.get("JAXPROBE_DATA", Path(__file__).resolve().parent.parent / "data"))
+
+# name -> split -> parquet file in DATA_DIR (IMDB rows are in the HF Hub's order; see data/README.md)
+BUILTIN = {
+    "imdb": {"train": "imdb_train.parquet", "test": "imdb_test.parquet"},
+    "sst2": {"train": "sst2_train.parquet", "validation": "sst2_validation.parquet"},
+}
+_LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_split(source: str, split: str, *, text_column: str = "text", label_column: str = "label"):
+    """Load one split as a `datasets.Dataset` with columns `text` and `label`.
+
+    `source` is a built-in name (`imdb`, `sst2`), a local .csv/.tsv/.json/.jsonl/.parquet file
+    (one split: `split` is only a label then), or anything `datasets.load_dataset` accepts.
+    """
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    key = source.lower().replace("-", "")
+    if key in BUILTIN:
+        if split not in BUILTIN[key]:
+            raise UserError(f"dataset {source!r} has splits {sorted(BUILTIN[key])}, not {split!r}")
+        path = DATA_DIR / BUILTIN[key][split]
+        if not path.is_file():
+            raise UserError(f"missing data file {path} (set JAXPROBE_DATA to the folder holding it)")
+        ds = datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
+    elif Path(source).suffix.lower() in _LOCAL_BUILDERS:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"data file not found: {path}")
+        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        ds = datasets.load_dataset(_LOCAL_BUILDERS[path.suffix.lower()], data_files=str(path),
+                                   split="train", **kwargs)
+    else:
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
+            raise UserError(f"could not load dataset {source!r} split {split!r}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    for col, what in ((text_column, "--text-column"), (label_column, "--label-column")):
+        if col not in ds.column_names:
+            raise UserError(f"dataset {source!r} has no column {col!r} ({what}); "
+                            f"columns are {ds.column_names}")
+    ds = ds.select_columns([text_column, label_column])
+    if text_column != "text":
+        ds = ds.rename_column(text_column, "text")
+    if label_column != "label":
+        ds = ds.rename_column(label_column, "label")
+    return ds
+
+
+def reference_sample(ds, n: int, seed: int = 42):
+    """`ds.shuffle(seed=seed).select(range(n))`, the sample every reference notebook draws."""
+    if n > len(ds):
+        raise UserError(f"asked for {n} rows but the split has only {len(ds)}")
+    return ds.shuffle(seed=seed).select(range(n))
