@@ -69,3 +69,30 @@ def reference_sample(ds, n: int, seed: int = 42):
     if n > len(ds):
         raise UserError(f"asked for {n} rows but the split has only {len(ds)}")
     return ds.shuffle(seed=seed).select(range(n))
+
+
+def reference_sample_rows(ds, n: int, seed: int = 42):
+    """Like `reference_sample`, but also returns each sampled row's index in `ds` (int64 [n]),
+    which the activation store records so a sample can be traced back to its source rows."""
+    import numpy as np
+
+    if n > len(ds):
+        raise UserError(f"asked for {n} rows but the split has only {len(ds)}")
+    sample = ds.add_column("_row", np.arange(len(ds), dtype=np.int64)).shuffle(seed=seed)
+    sample = sample.select(range(n))
+    rows = np.asarray(sample["_row"], dtype=np.int64)
+    return sample.remove_columns("_row"), rows
+
+
+def check_binary_examples(texts, labels, rows, where: str) -> None:
+    """Refuse, in one line naming the row, an empty/whitespace text or a label other than 0/1.
+
+    `rows` are the examples' row indices in the source split; `where` names the source
+    (e.g. "imdb split 'train'").
+    """
+    for i, (text, label, row) in enumerate(zip(texts, labels, rows, strict=True)):
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{where} row {int(row)} (sample item {i}): empty or whitespace-only text")
+        if isinstance(label, bool) or label not in (0, 1):
+            raise UserError(f"{where} row {int(row)} (sample item {i}): label {label!r} is not 0 or 1 "
+                            "(probes here are binary; map the labels to 0/1 first)")
