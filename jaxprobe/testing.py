@@ -1,0 +1,62 @@
+"""Tiny random models and tokenizers for tests: no torch, no network, about a second to build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from jaxprobe.model import LlamaConfig, RopeScaling, param_shapes
+
+_CORPUS = [
+    "This movie was wonderful, a charming and often affecting journey.",
+    "The plot was dull and the acting was terrible; I wanted my money back.",
+    "Classify the sentiment of the text. Text: Sentiment: positive negative",
+    "Sentence: 'it is a great film' \nLabel: positive\n\n",
+    "A review of the film, with some words and some punctuation!? 0123456789",
+] * 4
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE (GPT-2 style, like SmolLM2's) trained on a few sentences; deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def tiny_config(*, n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
+                d_ff: int = 128, vocab_size: int = 320, tie_embeddings: bool = False,
+                llama3_rope: bool = False) -> LlamaConfig:
+    scaling = RopeScaling(8.0, 1.0, 4.0, 64) if llama3_rope else None
+    return LlamaConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads, head_dim=d_model // n_heads, d_ff=d_ff, rms_eps=1e-5,
+                       rope_theta=10000.0, rope_scaling=scaling, tie_embeddings=tie_embeddings,
+                       max_position=512)
+
+
+def tiny_checkpoint(path, *, seed: int = 0, **config) -> Path:
+    """Write a random tiny model (a jaxprobe checkpoint folder) and return its path."""
+    from jaxprobe.checkpoint import save_checkpoint
+
+    cfg = tiny_config(**config)
+    rng = np.random.default_rng(seed)
+    params = {}
+    for p, shape in param_shapes(cfg).items():
+        if p[-1] == "weight" and p[-2].endswith("norm"):
+            params[p] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            params[p] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_tokenizer(cfg.vocab_size).save_pretrained(path)
+    save_checkpoint(path, cfg, params, source={"kind": "random", "seed": seed, "dtype": "float32"})
+    return path
