@@ -1,7 +1,7 @@
 """Weight conversion: HF safetensors folders and llama GGUF files -> a jaxprobe checkpoint folder.
 
 A checkpoint folder holds `config.json` (our `LlamaConfig`), `params/` (an Orbax checkpoint of the
-model's NNX parameter state), `source.json` (where it came from) and the tokenizer files, so later
+model's NNX parameter state), `source.json` (where it came from) and `tokenizer/`, so later
 runs need neither torch nor the source. Conversion streams tensor by tensor into the stacked
 parameter arrays (one copy of the model in host memory) and fails loudly, in one line, on an
 unknown key, a missing key, a shape that disagrees with the config, or a config field we do not
@@ -300,6 +300,7 @@ def _save_tokenizer_from_hf_folder(src: Path, out: Path) -> None:
     if not copied:
         raise UserError(f"{src} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])})")
     for name in copied:
+        out.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / name, out / name)
 
 
@@ -359,7 +360,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32",
             raise UserError(f"missing tensor {'.'.join(p)}{where} in {path}")
 
     out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(out)
+    save_tokenizer(out / "tokenizer")
     checkpoint.save_checkpoint(out, cfg, params, source={"kind": kind, "path": str(path), "dtype": dtype})
     return out
 

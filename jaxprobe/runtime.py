@@ -334,5 +334,5 @@ def load_model(src: str | os.PathLike = "smollm2-135m", *, dtype: str = "float32
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     return LanguageModel(model, tokenizer, name=name, mesh=mesh, rules=rules)

@@ -86,25 +86,26 @@ class Template:
     name: str
     description: str
     render: Callable[[str, str | None], str]
-    n_demonstrations: int  # how many demonstrations it needs (0 = none)
+    uses_demonstrations: bool
+    n_shots: int | None = None  # demonstrations it requires; None = as many as given
 
     def prompts(self, texts: Sequence[str], demonstrations: str | None = None) -> list[str]:
         return [self.render(text, demonstrations) for text in texts]
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
-    Template("raw", "the text's last 256 space-separated words, nothing added", raw_prompt, 0),
+    Template("raw", "the text's last 256 space-separated words, nothing added", raw_prompt, False),
     Template("vector-5shot", "instruction + 5 demonstrations (64 words) + query (128 words) + "
              "' The sentiment is', cut to the last 256 words (the reference, faithfully)",
-             vector_5shot_prompt, N_SHOTS),
+             vector_5shot_prompt, True, N_SHOTS),
     Template("vector-5shot-untruncated", "vector-5shot without the outer 256-word cut",
-             vector_5shot_untruncated_prompt, N_SHOTS),
+             vector_5shot_untruncated_prompt, True, N_SHOTS),
 )}
 
 _FORMAT_FIELDS = ("text", "demonstrations")
 
 
-def format_template(template: str, *, n_demonstrations: int = N_SHOTS) -> Template:
+def format_template(template: str) -> Template:
     """A user template from a format string with `{text}` and optionally `{demonstrations}`.
 
     The text goes in whole (no word cut); use `extract --max-length` to bound token counts.
@@ -127,8 +128,7 @@ def format_template(template: str, *, n_demonstrations: int = N_SHOTS) -> Templa
     def render(text: str, demonstrations: str | None) -> str:
         return template.format(text=text, demonstrations=demonstrations or "")
 
-    return Template(template, "user format string", render,
-                    n_demonstrations if uses_demonstrations else 0)
+    return Template(template, "user format string", render, uses_demonstrations)
 
 
 def get_template(spec: str) -> Template:

@@ -57,6 +57,6 @@ def tiny_checkpoint(path, *, seed: int = 0, **config) -> Path:
             params[p] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tiny_tokenizer(cfg.vocab_size).save_pretrained(path)
+    tiny_tokenizer(cfg.vocab_size).save_pretrained(path / "tokenizer")
     save_checkpoint(path, cfg, params, source={"kind": "random", "seed": seed, "dtype": "float32"})
     return path

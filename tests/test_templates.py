@@ -108,10 +108,10 @@ def test_raw_keeps_last_256_single_space_pieces():
 
 def test_format_template():
     t = templates.get_template("Review: {text}\nAnswer:")
-    assert t.n_demonstrations == 0
+    assert not t.uses_demonstrations
     assert t.prompts(["good {film}"]) == ["Review: good {film}\nAnswer:"]
     t2 = templates.get_template("{demonstrations}Q: {text} {{A}}:")
-    assert t2.n_demonstrations == 5
+    assert t2.uses_demonstrations and t2.n_shots is None
     assert t2.render("x", "D\n") == "D\nQ: x {A}:"
 
 
