@@ -332,7 +332,7 @@ def _settings(config: EvaluateConfig, subsets: dict, lm, label_token_ids: list[i
 
 
 def _describe_difference(old: dict, new: dict) -> str:
-    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    keys = [k for k in [*new, *(k for k in old if k not in new)] if old.get(k) != new.get(k)]
     k = keys[0]
     shorten = lambda v: (repr(v)[:60] + "...") if len(repr(v)) > 60 else repr(v)  # noqa: E731
     return f"{k}: {shorten(old.get(k))} there vs {shorten(new.get(k))} now" + (
