@@ -165,28 +165,33 @@ _GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
 
 
 def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, ...], int | None, np.ndarray]:
-    """Map one HF tensor (torch layout [out, in]) to (our path, layer index, array in our layout)."""
+    """Map one HF tensor (torch layout [out, in]) to (our path, layer index, array in our layout),
+    checking its shape, in the source's layout, against the config."""
+    shapes = param_shapes(cfg)
     if name in _HF_GLOBAL:
-        path = _HF_GLOBAL[name]
-        return path, None, (w.T if path == ("lm_head",) else w)
-    m = _HF_LAYER.fullmatch(name)
-    if not m or m.group(2) not in _HF_LAYER_PARAMS:
-        raise UserError(f"unknown tensor {name!r} (shape {tuple(w.shape)}): not part of a plain LLaMA model")
-    layer, path = int(m.group(1)), _HF_LAYER_PARAMS[m.group(2)]
-    if not 0 <= layer < cfg.n_layers:
-        raise UserError(f"tensor {name!r} names layer {layer} but the config has {cfg.n_layers} layers")
-    kind = path[-1]
-    if w.ndim == 2:
-        expect = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads, "wv": cfg.n_kv_heads}
-        if kind in expect:  # [heads*hd, d] -> [d, heads, hd]
-            _check_shape(name, w, (expect[kind] * cfg.head_dim, cfg.d_model))
-            w = w.T.reshape(cfg.d_model, expect[kind], cfg.head_dim)
-        elif kind == "wo":  # [d, heads*hd] -> [heads, hd, d]
-            _check_shape(name, w, (cfg.d_model, cfg.n_heads * cfg.head_dim))
-            w = w.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
-        else:
-            w = w.T
-    return path, layer, w
+        path, layer = _HF_GLOBAL[name], None
+        if path == ("lm_head",) and cfg.tie_embeddings:
+            return path, None, w  # some tied checkpoints also store the (identical) head; skipped
+        want = shapes[path]
+    else:
+        m = _HF_LAYER.fullmatch(name)
+        if not m or m.group(2) not in _HF_LAYER_PARAMS:
+            raise UserError(f"unknown tensor {name!r} (shape {tuple(w.shape)}): not part of a plain LLaMA model")
+        layer, path = int(m.group(1)), _HF_LAYER_PARAMS[m.group(2)]
+        if not 0 <= layer < cfg.n_layers:
+            raise UserError(f"tensor {name!r} names layer {layer} but the config has {cfg.n_layers} layers")
+        want = shapes[path][1:]
+    if len(want) == 1 or path == ("embed", "weight"):  # norms, embeddings: stored as we store them
+        _check_shape(name, w, want)
+        return path, layer, w
+    if path[-1] == "wo":  # [d, heads*hd] -> [heads, hd, d]
+        _check_shape(name, w, (cfg.d_model, cfg.n_heads * cfg.head_dim))
+        return path, layer, w.T.reshape(want)
+    if len(want) == 3:  # q/k/v: [heads*hd, d] -> [d, heads, hd]
+        _check_shape(name, w, (want[1] * want[2], want[0]))
+        return path, layer, w.T.reshape(want)
+    _check_shape(name, w, want[::-1])  # plain linear: torch [out, in] -> ours [in, out]
+    return path, layer, w.T
 
 
 def _check_shape(name, w, shape):
@@ -344,9 +349,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32",
     for name, w in tqdm(tensors, total=n_tensors, desc="converting", unit="tensor", disable=not progress):
         p, layer, w = hf_to_ours(cfg, name, w)
         if p == ("lm_head",) and cfg.tie_embeddings:
-            continue  # some tied checkpoints also store the (identical) head
-        want = shapes[p][1:] if layer is not None else shapes[p]
-        _check_shape(name, w, want)
+            continue
         if layer is None:
             params[p][...] = w
         else:

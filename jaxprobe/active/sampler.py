@@ -69,49 +69,62 @@ def _run_one(key, sorted_scores, cumsum, sorted_losses, n_zero, clip, *, size, e
     n_pool = sorted_scores.shape[0]
     total = cumsum[n_pool]
     uniforms = jax.random.uniform(key, (size,), dtype=jnp.float64)
-    slots = jnp.arange(size)
-    wd_slots = jnp.arange(size + 1)
-    bits_drawn, bits_pool = _bits(size), _bits(n_pool)
+    slots = jnp.arange(size, dtype=jnp.int32)
+    bits_pool = _bits(n_pool)
+
+    def shift_in(a, gap, value):  # insert `value` at slot `gap`, shifting later slots right by one
+        shifted = jnp.concatenate([a[:1], a[:-1]])
+        return jnp.where(slots < gap, a, jnp.where(slots == gap, value, shifted))
 
     def step(carry, xs):
-        drawn, drawn_cum, n_zero_drawn, sum_loss, sum_is, sum_lure = carry
+        # Per drawn slot i (sorted by position): pos[i], cum_after[i] = scores of slots 0..i,
+        # c_next[i] = C[pos[i] + 1]. Unused slots hold pos = N, so "pos < x" never counts them.
+        pos, cum_after, c_next, n_zero_drawn, sum_loss, sum_is, sum_lure = carry
         m, u01 = xs
         n_left = n_pool - m
-        mass = total - drawn_cum[size]
+        used = slots < m
+        drawn_mass = jnp.max(jnp.where(used, cum_after, 0.0))
+        mass = total - drawn_mass
         # no remaining point has a positive score: draw uniformly (the reference divides by 0)
         uniform = ((n_pool - n_zero) - (m - n_zero_drawn) == 0) | (mass <= 0)
         floor = jnp.where(uniform, 1.0 / n_left, clip / n_left)
         inv_mass = jnp.where(uniform, 0.0, 1.0 / jnp.where(mass > 0, mass, 1.0))
         t = jnp.where(uniform, n_pool,
                       _last_true(lambda c: sorted_scores[c - 1] < floor * mass, 0, n_pool, bits_pool))
-        jt = _last_true(lambda c: drawn[c - 1] < t, 0, size, bits_drawn)
-        base = cumsum[t] - drawn_cum[jt]
+        below_t = pos < t
+        jt = jnp.sum(below_t, dtype=jnp.int32)
+        base = cumsum[t] - jnp.max(jnp.where(below_t, cum_after, 0.0))
 
-        def remaining_mass_below(k, j):  # R(k, j) of the module docstring
+        def remaining_mass_below(k, j, cum_k, drawn_cum_j):  # R(k, j) of the module docstring
             return (floor * (jnp.minimum(k, t) - jnp.minimum(j, jt))
-                    + jnp.maximum(cumsum[k] - drawn_cum[j] - base, 0.0) * inv_mass)
+                    + jnp.maximum(cum_k - drawn_cum_j - base, 0.0) * inv_mass)
 
-        norm = remaining_mass_below(n_pool, m)
+        norm = remaining_mass_below(n_pool, m, total, drawn_mass)
         u = u01 * norm
-        # the gap between drawn points g-1 and g that holds the draw, then the point inside it
-        gap = _last_true(lambda c: remaining_mass_below(drawn[c - 1] + 1, c) <= u, 0, m, bits_drawn)
-        lo = jnp.where(gap > 0, drawn[jnp.maximum(gap - 1, 0)] + 1, 0)
-        hi = drawn[gap]  # padding holds n_pool
-        k = _last_true(lambda c: remaining_mass_below(c, gap) <= u, lo, hi - 1, bits_pool)
+        # the gap after drawn slot gap-1 that holds the draw: count the gap starts at or below u
+        starts = remaining_mass_below(pos + 1, slots + 1, c_next, cum_after)
+        gap = jnp.sum(used & (starts <= u), dtype=jnp.int32)
+        before_gap = slots < gap
+        lo = jnp.max(jnp.where(before_gap, pos, -1)) + 1
+        hi = jnp.min(jnp.where(before_gap, n_pool, pos))
+        drawn_cum_gap = jnp.max(jnp.where(before_gap, cum_after, 0.0))
+        k = _last_true(lambda c: remaining_mass_below(c, gap, cumsum[c], drawn_cum_gap) <= u,
+                       lo, hi - 1, bits_pool)
         # Rounding can make an empty gap look chosen (probability ~1e-16): take the first
         # remaining point after it instead, found by its rank among the remaining points.
         rank = jnp.minimum(lo - gap, n_left - 1)
-        gap_r = _last_true(lambda c: drawn[c - 1] - (c - 1) <= rank, 0, m, bits_drawn)
+        gap_r = jnp.sum(used & (pos - slots <= rank), dtype=jnp.int32)
         empty = lo >= hi
         gap = jnp.where(empty, gap_r, gap)
         k = jnp.where(empty, rank + gap_r, k)
+        drawn_cum_gap = jnp.where(empty, jnp.max(jnp.where(slots < gap, cum_after, 0.0)), drawn_cum_gap)
 
         w = sorted_scores[k]
         q = jnp.where(uniform, floor, jnp.maximum(floor, w * inv_mass)) / norm
-        drawn = jnp.where(slots < gap, drawn,
-                          jnp.where(slots == gap, k, jnp.concatenate([drawn[:1], drawn[:-1]])))
-        drawn_cum = jnp.where(wd_slots <= gap, drawn_cum,
-                              jnp.concatenate([drawn_cum[:1], drawn_cum[:-1]]) + w)
+        pos = shift_in(pos, gap, k)
+        cum_after = jnp.where(slots < gap, cum_after,
+                              jnp.where(slots == gap, drawn_cum_gap, jnp.concatenate([cum_after[:1], cum_after[:-1]])) + w)
+        c_next = shift_in(c_next, gap, cumsum[k + 1])
         n_zero_drawn = n_zero_drawn + (k < n_zero)
 
         loss = sorted_losses[k]
@@ -129,12 +142,12 @@ def _run_one(key, sorted_scores, cumsum, sorted_losses, n_zero, clip, *, size, e
         else:
             est = sum_loss / count
         out = (est, k, q) if record else est
-        return (drawn, drawn_cum, n_zero_drawn, sum_loss, sum_is, sum_lure), out
+        return (pos, cum_after, c_next, n_zero_drawn, sum_loss, sum_is, sum_lure), out
 
     zero = jnp.zeros((), jnp.float64)
-    carry = (jnp.full((size,), n_pool, jnp.int64), jnp.zeros((size + 1,), jnp.float64),
-             jnp.zeros((), jnp.int64), zero, zero, zero)
-    _, out = jax.lax.scan(step, carry, (jnp.arange(size), uniforms))
+    carry = (jnp.full((size,), n_pool, jnp.int32), jnp.zeros((size,), jnp.float64),
+             jnp.zeros((size,), jnp.float64), jnp.zeros((), jnp.int32), zero, zero, zero)
+    _, out = jax.lax.scan(step, carry, (jnp.arange(size, dtype=jnp.int32), uniforms))
     return out
 
 
