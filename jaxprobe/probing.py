@@ -351,11 +351,11 @@ def probe(cfg: ProbeConfig, log: Callable[[str], None] = print) -> dict:
         raise UserError(f"--seeds must be at least 1, not {cfg.seeds}")
     variants = load_variants(cfg)
     points = list(cfg.layers) if cfg.layers is not None else list(variants[0].hook_points)
+    train = [_joined_layers(v.train, points) for v in variants]  # refuses NaN/inf before any write
+    test = [_joined_layers(v.test, points) for v in variants]
     out = Path(cfg.out)
     _guard_out_folder(out, "probe_settings.json", _probe_settings(cfg, variants, points),
                       "probe results")
-    train = [_joined_layers(v.train, points) for v in variants]
-    test = [_joined_layers(v.test, points) for v in variants]
     from jaxprobe.probes import train_probe_sweep
 
     sweeps = {}
@@ -370,7 +370,7 @@ def probe(cfg: ProbeConfig, log: Callable[[str], None] = print) -> dict:
             f"seeds = {len(variants) * len(points) * cfg.seeds} probes in one vmapped program")
         res = train_probe_sweep(train=train, test=test, recipe=recipe, seeds=range(cfg.seeds),
                                 layers=None, checkpoint_dir=out / "checkpoints" / recipe,
-                                progress=cfg.progress)
+                                progress=cfg.progress, variant_names=[v.name for v in variants])
         sweeps[recipe] = {"final_train_loss": np.asarray(res.final_train_loss, np.float64),
                           "test_accuracy": np.asarray(res.test_accuracy, np.float64)}
         for k, f in files.items():

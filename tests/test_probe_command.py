@@ -1,0 +1,138 @@
+"""`jaxprobe probe` on small synthetic stores (no model): outputs, layer bookkeeping, resume,
+and one-line refusals for mismatched or bad stores."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from jaxprobe import store
+from jaxprobe.cli import main
+
+D = 8
+
+
+def make_store(path, n, *, seed, fingerprint="fp-a", template="raw", n_points=3, labels=None,
+               poison=None):
+    """Hook point 0 is noise, 1 weakly and 2 perfectly separable by the label (feature 0)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2 if labels is None else np.asarray(labels)
+    acts = rng.standard_normal((n, n_points, D)).astype(np.float32)
+    sign = 2.0 * labels - 1.0
+    acts[:, 1, 0] += 0.5 * sign
+    acts[:, 2, 0] = 3.0 * sign + 0.1 * acts[:, 2, 0]
+    if poison is not None:
+        acts[poison] = np.nan
+    prompts = [f"text {seed} {i}" for i in range(n)]
+    # fake activations in input order (a NaN row goes in through open_activations' file, below)
+    lookup = dict(zip(prompts, np.nan_to_num(acts)))
+    store.write_store(path, prompts=prompts, labels=labels, sample_indices=range(n),
+                      settings={"fake": seed}, n_hook_points=n_points, d_model=D,
+                      compute=lambda texts: np.stack([lookup[t] for t in texts]),
+                      describe={"model": {"name": "fake", "fingerprint": fingerprint},
+                                "template": {"name": template}},
+                      progress=False, log=lambda _: None)
+    if poison is not None:
+        np.save(path / "activations.npy", acts)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    return {
+        "raw-train": make_store(root / "raw-train", 40, seed=1),
+        "raw-test": make_store(root / "raw-test", 30, seed=2),
+        "p-train": make_store(root / "p-train", 40, seed=3, template="vector-5shot"),
+        "p-test": make_store(root / "p-test", 24, seed=4, template="vector-5shot"),
+    }
+
+
+def probe_args(stores, out, *extra):
+    return ["probe", "--train", f"raw={stores['raw-train']}", "--test", f"raw={stores['raw-test']}",
+            "--train", f"prompted={stores['p-train']}", "--test", f"prompted={stores['p-test']}",
+            "--seeds", "3", "--no-progress", "--out", str(out), *extra]
+
+
+def test_probe_writes_results_and_resumes(stores, tmp_path, capsys):
+    out = tmp_path / "probes"
+    assert main(probe_args(stores, out)) == 0
+    printed = capsys.readouterr().out
+    assert "best layer per variant and recipe" in printed
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["variant"], r["recipe"], r["layer"]): r for r in results["results"]}
+    assert len(rows) == 2 * 2 * 3 and results["hook_points"] == [0, 1, 2]
+    for variant in ("raw", "prompted"):
+        separable = rows[(variant, "logreg", 2)]["test_accuracy"]
+        assert separable["seeds"] == [1.0, 1.0, 1.0] and separable["ci95"] == [1.0, 1.0]
+        assert rows[(variant, "logreg", 0)]["test_accuracy"]["mean"] < 0.9  # noise layer
+        mlp = rows[(variant, "vector-mlp", 2)]
+        assert len(mlp["final_train_loss"]["seeds"]) == 3
+        lo, hi = mlp["test_accuracy"]["ci95"]
+        assert lo <= mlp["test_accuracy"]["mean"] <= hi
+    best = {(b["variant"], b["recipe"]): b["layer"] for b in results["best"]}
+    assert best[("raw", "logreg")] == 2 and best[("prompted", "logreg")] == 2
+    assert results["variants"]["prompted"]["n_test"] == 24
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 12 and float(table[0]["test_accuracy_mean"]) == rows[
+        (table[0]["variant"], table[0]["recipe"], int(table[0]["layer"]))]["test_accuracy"]["mean"]
+    png = (out / "accuracy_by_layer.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    before = (out / "results.json").read_bytes()
+    assert main(probe_args(stores, out)) == 0  # same command again: read back, same numbers
+    assert "done before" in capsys.readouterr().out
+    assert (out / "results.json").read_bytes() == before
+    assert main(probe_args(stores, out, "--seeds", "2")) == 2  # other settings: refused
+    assert "holds probe results made with different settings (seeds differ)" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_unnamed_paths_and_layer_choice(stores, tmp_path):
+    out = tmp_path / "probes"
+    assert main(["probe", "--train", str(stores["p-train"]), "--test", str(stores["p-test"]),
+                 "--recipe", "logreg", "--layers", "1-2", "--seeds", "2", "--no-progress",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["variant"], r["layer"]) for r in results["results"]} == {
+        ("vector-5shot", 1), ("vector-5shot", 2)}
+
+
+@pytest.fixture(scope="module")
+def bad_stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    return {
+        "one-class": make_store(root / "one-class", 10, seed=5, labels=[1] * 10),
+        "other-model": make_store(root / "other-model", 10, seed=6, fingerprint="fp-b"),
+        "four-points": make_store(root / "four-points", 10, seed=7, n_points=4),
+        "nan": make_store(root / "nan", 12, seed=8, poison=7),
+        "unfinished": root / "unfinished",
+    }
+
+
+@pytest.mark.parametrize("train, test, extra, message", [
+    ("raw-train", "one-class", [], r"one-class: test label set \[1\] differs from the train set \[0, 1\]"),
+    ("one-class", "raw-test", [], r"one-class: labels are \[1\]; a probe needs both 0 and 1"),
+    ("raw-train", "other-model", [], r"other-model comes from model fake \(fingerprint fp-b"),
+    ("raw-train", "four-points", [], r"train stores have hook points \[0, 1, 2\], test stores \[0, 1, 2, 3\]"),
+    ("raw-train", "nan", [], r"nan/activations.npy: NaN or inf in the activations of row 7"),
+    ("raw-train", "missing", [], r"missing: no such file or folder"),
+    ("raw-train", "raw-test", ["--layers", "5"], r"--layers 5: the stores have hook points 0..2"),
+])
+def test_bad_stores_are_one_line_errors(stores, bad_stores, tmp_path, capsys, train, test, extra, message):
+    paths = {**stores, **bad_stores, "missing": tmp_path / "missing"}
+    args = ["probe", "--train", f"v={paths[train]}", "--test", f"v={paths[test]}",
+            "--seeds", "2", "--no-progress", "--out", str(tmp_path / "out"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxprobe probe: error: ") and err.count("\n") == 1
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unmatched_variant_names(stores, tmp_path, capsys):
+    assert main(["probe", "--train", f"a={stores['raw-train']}", "--test", f"b={stores['raw-test']}",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--train a=... has no matching --test a=..." in capsys.readouterr().err
