@@ -313,3 +313,32 @@ def test_killed_cli_run_resumes_bit_identical(tiny, icl_run, capsys):
             assert (out / name / f"{array}.npy").read_bytes() == (reference / name / f"{array}.npy").read_bytes()
     # Same prompts and model as the module's run with other shard/batch sizes: equal to fp32 rounding.
     np.testing.assert_allclose(load_evaluation(out).logits, load_evaluation(icl_run).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_label_tokens_prefix_merge_and_cache(tmp_path):
+    """The real model: SST-2 label tokens are 3524/2731, the ICL context tokenised alone is NOT a
+    token prefix of the whole prompt (its trailing "\\n\\n" merges differently), and evaluate's
+    cached logits equal whole-prompt logits without the cache."""
+    import jaxprobe
+
+    lm = jaxprobe.load_model("smollm2-135m")
+    out = run_evaluate(EvaluateConfig(out=str(tmp_path / "sst2"), pool_size=8, test_size=0, icl_candidates=40,
+                                      icl=4, shard_size=8, batch_size=8, progress=False), lm=lm, log=lambda *_: None)
+    assert not (out / "test").exists()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["label_token_ids"] == [3524, 2731] and meta["label_tokens"] == [" negative", " positive"]
+    prompt = meta["example_prompt"]
+    context = prompt[: prompt.rindex("Sentence: '")]
+    whole, alone = lm.tokenize([prompt])[0], lm.tokenize([context])[0]
+    assert whole[: len(alone)] != alone  # tokenising the prefix apart would feed the model other tokens
+    ev = load_evaluation(out, "pool")
+    from jaxprobe.data import load_split
+
+    sst2 = load_split("sst2", "train")
+    examples = [(sst2[r]["text"], ("negative", "positive")[sst2[r]["label"]]) for r in meta["icl"]["rows"]]
+    prompts = build_prompts([sst2[int(r)]["text"] for r in ev.indices], instruction=SST2_INSTRUCTION,
+                            answer_word="Label", examples=examples)
+    assert prompts[0] == prompt
+    np.testing.assert_allclose(ev.logits, lm.logits(prompts, token_ids=[3524, 2731], batch_size=8), atol=1e-4)
+    assert ev.metrics["prefix_tokens_cached"] >= len(alone) - 2

@@ -486,7 +486,7 @@ def _unescape(value: str) -> str:
     return value.replace("\\n", "\n")
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser, *, with_out: bool = True) -> None:
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """The data/prompt/subset flags shared by `evaluate` and `active-experiment`."""
     d = EvaluateConfig
     g = parser.add_argument_group("data and prompt")
