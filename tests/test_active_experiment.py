@@ -44,19 +44,12 @@ def test_table_rows_follow_the_papers_budget_rule():
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    import pandas as pd
-
-    from jaxprobe.testing import tiny_checkpoint
+def tiny_setup(tmp_path_factory, tiny_ckpt):
+    from test_evaluate import write_tiny_dataset
 
     root = tmp_path_factory.mktemp("experiment")
-    model_dir = tiny_checkpoint(root / "tiny")
-    rng = np.random.default_rng(1)
-    vocab = "the film was a great charming dull terrible movie plot acting good fun".split()
-    texts = [" ".join(rng.choice(vocab, rng.integers(2, 6))) for _ in range(100)]
-    data = root / "data.parquet"
-    pd.DataFrame({"text": texts, "label": rng.integers(0, 2, 100)}).to_parquet(data)
-    return {"root": root, "model": str(model_dir), "data": str(data)}
+    data = write_tiny_dataset(root / "data.parquet", 100, seed=1)
+    return {"root": root, "model": str(tiny_ckpt), "data": str(data)}
 
 
 def _argv(setup, out, *extra):

@@ -117,22 +117,26 @@ def test_label_metrics_by_hand():
 # ------------------------------------------------------------------------- tiny model
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random model (loaded once) and a 120-row labelled parquet file."""
+def write_tiny_dataset(path: Path, n_rows: int, seed: int) -> Path:
+    """A labelled parquet file of short sentences (trailing spaces, as SST-2 has) in the tiny
+    tokenizer's words; labels are random, so a random model is as good as anything on it."""
     import pandas as pd
 
+    rng = np.random.default_rng(seed)
+    vocab = "the film was a great charming dull terrible movie plot acting good fun".split()
+    texts = [" ".join(rng.choice(vocab, rng.integers(2, 6))) + " " for _ in range(n_rows)]
+    pd.DataFrame({"text": texts, "label": rng.integers(0, 2, n_rows)}).to_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_ckpt):
+    """The session's tiny random model (loaded once here) and a 120-row labelled parquet file."""
     import jaxprobe
-    from jaxprobe.testing import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("evaluate")
-    model_dir = tiny_checkpoint(root / "tiny")
-    rng = np.random.default_rng(0)
-    vocab = "the film was a great charming dull terrible movie plot acting good fun".split()
-    texts = [" ".join(rng.choice(vocab, rng.integers(2, 6))) + " " for _ in range(120)]
-    data = root / "data.parquet"
-    pd.DataFrame({"text": texts, "label": rng.integers(0, 2, 120)}).to_parquet(data)
-    return {"root": root, "model": str(model_dir), "data": str(data), "lm": jaxprobe.load_model(model_dir)}
+    data = write_tiny_dataset(root / "data.parquet", 120, seed=0)
+    return {"root": root, "model": str(tiny_ckpt), "data": str(data), "lm": jaxprobe.load_model(tiny_ckpt)}
 
 
 def _config(tiny, out, **kw) -> EvaluateConfig:
