@@ -64,6 +64,11 @@ def load_split(source: str, split: str, *, text_column: str = "text", label_colu
     return ds
 
 
+def is_single_file(source: str) -> bool:
+    """True for a local csv/json/parquet source: one file = one split (the split is only a label)."""
+    return source.lower().replace("-", "") not in BUILTIN and Path(source).suffix.lower() in _LOCAL_BUILDERS
+
+
 def reference_sample(ds, n: int, seed: int = 42):
     """`ds.shuffle(seed=seed).select(range(n))`, the sample every reference notebook draws."""
     if n > len(ds):

@@ -470,6 +470,8 @@ def plot_accuracy_by_layer(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     keys = dict.fromkeys((r["variant"], r["recipe"]) for r in results["results"])
+    # one colour per variant, one line style per recipe
+    colours = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(v for v, _ in keys))}
     for variant, recipe in keys:
         mine = [r for r in results["results"] if r["variant"] == variant and r["recipe"] == recipe]
         x = [r["layer"] for r in mine]
@@ -477,12 +479,15 @@ def plot_accuracy_by_layer(results: dict, path: Path) -> None:
         lo = [r["test_accuracy"]["ci95"][0] for r in mine]
         hi = [r["test_accuracy"]["ci95"][1] for r in mine]
         style = "-" if recipe == "vector-mlp" else "--"
-        (line,) = ax.plot(x, mean, style, marker="o", markersize=3, label=f"{variant} / {recipe}")
-        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.plot(x, mean, style, color=colours[variant], marker="o", markersize=3,
+                label=f"{variant} / {recipe}")
+        # an accuracy cannot leave [0, 1]; a t-interval over few seeds can
+        ax.fill_between(x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=colours[variant],
+                        alpha=0.15, linewidth=0)
     model = (results.get("model") or {}).get("name", "")
     ax.set_xlabel("layer (0 = embeddings, i = after block i-1)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"probe accuracy by layer {model} (mean over {len(results['seeds'])} seeds, 95% band)")
+    ax.set_title(f"{model}: probe test accuracy by layer (mean of {len(results['seeds'])} seeds, 95% band)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -529,6 +534,10 @@ def probe_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) 
     """Extract train and test stores for each template (resumable), probe them, report."""
     import jaxprobe
 
+    if data.is_single_file(cfg.dataset):
+        raise UserError(f"--dataset {cfg.dataset} is one file, so its train and test samples would "
+                        "be the same rows; run `jaxprobe extract` on a train and a test file and "
+                        "`jaxprobe probe` on the two stores instead")
     if len(set(cfg.templates)) != len(cfg.templates):
         raise UserError(f"--templates repeats a template: {', '.join(cfg.templates)}")
     for t in cfg.templates:
@@ -611,13 +620,19 @@ def experiment_report(results: dict, cfg: ExperimentConfig) -> str:
                 # unpaired binomial error of two accuracies on n_test examples (conservative)
                 sampling_se = math.sqrt(sum(p * (1 - p) for p in (mine["mean"], base["mean"])) / n_test)
                 wide = 1.96 * math.sqrt(seed_se ** 2 + sampling_se ** 2)
-                verdict = ("helps" if diff - half > 0 else "hurts" if diff + half < 0 else "no clear difference")
-                if verdict != "no clear difference":
-                    verdict += (" (also beyond test-sampling error)" if abs(diff) > wide
-                                else " (within test-sampling error)")
+                if abs(diff) > wide:
+                    verdict = "helps" if diff > 0 else "hurts"
+                elif abs(diff) > half:
+                    verdict = (f"{'better' if diff > 0 else 'worse'} over seeds, but within the "
+                               "test-sampling error")
+                else:
+                    verdict = "no clear difference"
                 lines.append(f"| {variant} | {recipe} | {diff:+.4f} | [{diff - half:+.3f}, {diff + half:+.3f}] "
                              f"| [{diff - wide:+.3f}, {diff + wide:+.3f}] | {verdict} |")
-    lines += ["", "Full table: probes/results.csv; plot: probes/accuracy_by_layer.png."]
+    lines += ["", "The verdict needs the wider interval (seeds and the test sample's sampling error, "
+              "treated as unpaired, so conservative) to exclude 0. The best layer is picked on the "
+              "test accuracy itself, so best-layer numbers lean optimistic.", "",
+              "Full table: probes/results.csv; plot: probes/accuracy_by_layer.png."]
     return "\n".join(lines)
 
 

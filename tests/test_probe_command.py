@@ -136,3 +136,60 @@ def test_unmatched_variant_names(stores, tmp_path, capsys):
     assert main(["probe", "--train", f"a={stores['raw-train']}", "--test", f"b={stores['raw-test']}",
                  "--out", str(tmp_path / "out")]) == 2
     assert "--train a=... has no matching --test a=..." in capsys.readouterr().err
+
+
+def test_probe_experiment_on_a_tiny_model(tiny_ckpt, tmp_path, capsys):
+    """The whole experiment wiring on IMDB with a tiny random model (so accuracies are chance)."""
+    out = tmp_path / "experiment"
+    args = ["probe-experiment", "--model", str(tiny_ckpt), "--n-train", "12", "--n-test", "10",
+            "--templates", "raw;vector-5shot", "--recipe", "logreg", "--seeds", "2",
+            "--shard-size", "8", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[5/5] probe: logreg" in printed
+    report = (out / "report.md").read_text()
+    assert "| vector-5shot | logreg | " in report and "Does prompting help?" in report
+    results = json.loads((out / "probes" / "results.json").read_text())
+    assert results["variants"]["vector-5shot"]["n_test"] == 10
+    assert {r["layer"] for r in results["results"]} == {0, 1, 2}
+    stored = json.loads((out / "stores" / "vector-5shot-test" / "manifest.json").read_text())
+    assert stored["template"]["leaked_sample_items"] == []  # test items are not demonstrations
+    assert json.loads((out / "stores" / "vector-5shot-train" / "manifest.json").read_text())[
+        "template"]["leaked_sample_items"] == [0, 1, 2, 3, 4]
+    assert main(args) == 0  # the rerun finds everything done
+    again = capsys.readouterr().out
+    assert again.count("already complete") == 4 and "done before" in again
+    assert main([*args[:-1], str(tmp_path / "other"), "--dataset", "reviews.csv"]) == 2
+    assert "is one file, so its train and test samples" in capsys.readouterr().err
+
+
+def test_reference_pickles_as_one_layer_stores(tmp_path, capsys):
+    """The reference's per-layer pickles (written here with torch) open as one-layer stores at
+    hook point L+1, and repeating a variant name joins their layers for one sweep."""
+    import pickle
+
+    import jaxprobe
+
+    torch = pytest.importorskip("torch")
+    paths = {}
+    for split, n, seed in (("train", 30, 11), ("test", 20, 12)):
+        for layer in (10, 20):
+            acts = make_store(tmp_path / f"src-{split}-{layer}", n, seed=seed + layer)
+            vectors = np.load(acts / "activations.npy")[:, 2 if layer == 20 else 0]
+            path = tmp_path / f"{split}_activations_demo_{layer}.pkl"
+            with open(path, "wb") as f:  # what the reference notebook wrote
+                pickle.dump({"activations": [torch.from_numpy(v.copy()) for v in vectors],
+                             "labels": (np.arange(n) % 2).tolist()}, f,
+                            protocol=pickle.HIGHEST_PROTOCOL)
+            paths[split, layer] = path
+    opened = jaxprobe.open_activations(paths["train", 20])
+    assert opened.hook_points == (21,) and opened.activations.shape == (30, 1, D)
+    assert opened.manifest["reference_layer"] == 20 and opened.manifest["template"] == "raw"
+    out = tmp_path / "probes"
+    assert main(["probe", "--train", str(paths["train", 10]), "--train", str(paths["train", 20]),
+                 "--test", str(paths["test", 10]), "--test", str(paths["test", 20]),
+                 "--recipe", "logreg", "--seeds", "2", "--no-progress", "--out", str(out)]) == 0
+    rows = {r["layer"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert set(rows) == {11, 21} and rows[21]["reference_layer"] == 20
+    assert rows[21]["variant"] == "raw" and rows[21]["test_accuracy"]["mean"] == 1.0
+    assert rows[11]["test_accuracy"]["mean"] < 0.9  # hook point 0 of the source stores: noise
