@@ -3,17 +3,19 @@ acquisition steps, `vmap`ped over per-run PRNG keys.
 
 At step m (0-based) with n = N - m points left, the reference's proposal (spec §1.2) is
     q(i) = max(w_i / S, f) / Z,    f = alpha / n,  S = remaining score mass,  Z = normaliser,
-so it changes between steps through the removed points AND the floor f. Gumbel-top-k is therefore
-not exact, and a [runs, N] mask updated in the scan copies N values per run per step. Instead the
-pool is sorted by score once, and all that is kept per run is the sorted list of drawn positions P
-and the prefix sums WD of their scores (at most `size` entries each). Then:
+so it changes between steps through the removed points AND the floor f: Gumbel-top-k is not exact.
+A [runs, N] remaining-mask updated inside the scan costs N per run and step (and XLA copies such a
+carry when it is read before it is written), so the pool is sorted by score once, and each run
+keeps only its drawn points: their sorted positions `drawn` and the running sum of their scores
+`drawn_cum` (`size` entries each). Then, per step and run, in O(log N + log size) lookups:
   * the floored points are a prefix of the sorted pool: t = #{w < f S}, one binary search;
-  * the remaining mass before any sorted position k, for a k with j drawn points below it, is
-        R(k, j) = f (min(k, t) - min(j, jt)) + max(C[k] - WD[j] - (C[t] - WD[jt]), 0) / S
-    with C the shared cumulative sum of sorted scores and jt the number of drawn points below t;
-  * a draw inverts that CDF: a binary search over the gaps between drawn points, then one over the
-    shared C inside the chosen gap; inserting the new point shifts P and WD (O(size), in cache).
-Everything is float64 (under `jax.enable_x64` inside this module only): the CDF is a difference of
+  * the remaining mass below sorted position k, with j drawn points below k, is
+        R(k, j) = f (min(k, t) - min(j, jt)) + max(C[k] - drawn_cum[j] - (C[t] - drawn_cum[jt]), 0) / S
+    (C: the shared cumulative sum of sorted scores; jt: drawn points below t), and Z = R(N, m);
+  * a draw u ~ U(0, Z) inverts that CDF: a binary search over the gaps between drawn points, then
+    one over C inside the chosen gap. Only the insertion into `drawn`/`drawn_cum` is O(size).
+LURE comes from running sums (the cumulative-sum identity, spec §1.1), IS and the naive mean too.
+Everything is float64 (under `jax.enable_x64`, inside this module only): the CDF is a difference of
 large cumulative sums, and float32 would blur the probability of a low-score point at N = 10,000.
 """
 
@@ -43,13 +45,14 @@ def _bits(limit: int) -> int:
 
 def _last_true(pred, start, limit, n_bits):
     """Largest c in [start, limit] with pred(c), for pred true at start and monotone (true, then
-    false). Branch-free, `n_bits` gathers: safe under vmap. limit < start returns start."""
-    pos = start
-    for b in reversed(range(n_bits)):
-        c = pos + (1 << b)
+    false). Branch-free, `n_bits` halvings (a rolled loop: small programs compile fast); safe
+    under vmap. limit < start returns start."""
+    def halve(i, pos):
+        c = pos + jnp.left_shift(1, n_bits - 1 - i).astype(pos.dtype)
         ok = c <= limit
-        pos = jnp.where(ok & pred(jnp.where(ok, c, pos)), c, pos)
-    return pos
+        return jnp.where(ok & pred(jnp.where(ok, c, pos)), c, pos)
+
+    return jax.lax.fori_loop(0, n_bits, halve, jnp.asarray(start, jnp.int32))
 
 
 class PreparedPool:
@@ -65,25 +68,29 @@ class PreparedPool:
         self.size = len(scores)
 
 
-def _run_one(key, sorted_scores, cumsum, sorted_losses, n_zero, clip, *, size, estimator, record):
+def _insert(values, slot, new_value, slots):
+    # values[slot:] move right by one and values[slot] = new_value (the last entry falls off)
+    shifted = jnp.pad(values[:-1], (1, 0))
+    return jnp.where(slots < slot, values, jnp.where(slots == slot, new_value, shifted))
+
+
+SAMPLED_ESTIMATORS = ("lure", "is", "mean")  # an index into this is a traced argument: one compile
+
+
+def _run_one(key, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator, *, size, record):
     n_pool = sorted_scores.shape[0]
     total = cumsum[n_pool]
     uniforms = jax.random.uniform(key, (size,), dtype=jnp.float64)
-    slots = jnp.arange(size, dtype=jnp.int32)
-    bits_pool = _bits(n_pool)
-
-    def shift_in(a, gap, value):  # insert `value` at slot `gap`, shifting later slots right by one
-        shifted = jnp.concatenate([a[:1], a[:-1]])
-        return jnp.where(slots < gap, a, jnp.where(slots == gap, value, shifted))
+    slots = jnp.arange(size + 1, dtype=jnp.int32)
+    bits_pool, bits_drawn = _bits(n_pool), _bits(size)
 
     def step(carry, xs):
-        # Per drawn slot i (sorted by position): pos[i], cum_after[i] = scores of slots 0..i,
-        # c_next[i] = C[pos[i] + 1]. Unused slots hold pos = N, so "pos < x" never counts them.
-        pos, cum_after, c_next, n_zero_drawn, sum_loss, sum_is, sum_lure = carry
+        # drawn[i]: sorted position of the i-th drawn point in position order, n_pool when unused;
+        # drawn_cum[i]: their scores summed over slots < i (so drawn_cum[m] is all drawn mass).
+        drawn, drawn_cum, n_zero_drawn, sum_loss, sum_is, sum_lure = carry
         m, u01 = xs
         n_left = n_pool - m
-        used = slots < m
-        drawn_mass = jnp.max(jnp.where(used, cum_after, 0.0))
+        drawn_mass = drawn_cum[m]
         mass = total - drawn_mass
         # no remaining point has a positive score: draw uniformly (the reference divides by 0)
         uniform = ((n_pool - n_zero) - (m - n_zero_drawn) == 0) | (mass <= 0)
@@ -91,40 +98,32 @@ def _run_one(key, sorted_scores, cumsum, sorted_losses, n_zero, clip, *, size, e
         inv_mass = jnp.where(uniform, 0.0, 1.0 / jnp.where(mass > 0, mass, 1.0))
         t = jnp.where(uniform, n_pool,
                       _last_true(lambda c: sorted_scores[c - 1] < floor * mass, 0, n_pool, bits_pool))
-        below_t = pos < t
-        jt = jnp.sum(below_t, dtype=jnp.int32)
-        base = cumsum[t] - jnp.max(jnp.where(below_t, cum_after, 0.0))
+        jt = _last_true(lambda c: drawn[c - 1] < t, 0, m, bits_drawn)
+        base = cumsum[t] - drawn_cum[jt]
 
-        def remaining_mass_below(k, j, cum_k, drawn_cum_j):  # R(k, j) of the module docstring
+        def remaining_mass_below(k, j):  # R(k, j) of the module docstring
             return (floor * (jnp.minimum(k, t) - jnp.minimum(j, jt))
-                    + jnp.maximum(cum_k - drawn_cum_j - base, 0.0) * inv_mass)
+                    + jnp.maximum(cumsum[k] - drawn_cum[j] - base, 0.0) * inv_mass)
 
-        norm = remaining_mass_below(n_pool, m, total, drawn_mass)
+        norm = remaining_mass_below(n_pool, m)
         u = u01 * norm
-        # the gap after drawn slot gap-1 that holds the draw: count the gap starts at or below u
-        starts = remaining_mass_below(pos + 1, slots + 1, c_next, cum_after)
-        gap = jnp.sum(used & (starts <= u), dtype=jnp.int32)
-        before_gap = slots < gap
-        lo = jnp.max(jnp.where(before_gap, pos, -1)) + 1
-        hi = jnp.min(jnp.where(before_gap, n_pool, pos))
-        drawn_cum_gap = jnp.max(jnp.where(before_gap, cum_after, 0.0))
-        k = _last_true(lambda c: remaining_mass_below(c, gap, cumsum[c], drawn_cum_gap) <= u,
-                       lo, hi - 1, bits_pool)
+        # the gap after drawn slot gap-1 that holds the draw, then the point inside it
+        gap = _last_true(lambda c: remaining_mass_below(drawn[c - 1] + 1, c) <= u, 0, m, bits_drawn)
+        lo = jnp.where(gap > 0, drawn[jnp.maximum(gap - 1, 0)] + 1, 0)
+        hi = drawn[gap]
+        k = _last_true(lambda c: remaining_mass_below(c, gap) <= u, lo, hi - 1, bits_pool)
         # Rounding can make an empty gap look chosen (probability ~1e-16): take the first
         # remaining point after it instead, found by its rank among the remaining points.
-        rank = jnp.minimum(lo - gap, n_left - 1)
-        gap_r = jnp.sum(used & (pos - slots <= rank), dtype=jnp.int32)
         empty = lo >= hi
+        rank = jnp.minimum(lo - gap, n_left - 1)
+        gap_r = _last_true(lambda c: drawn[c - 1] - (c - 1) <= rank, 0, m, bits_drawn)
         gap = jnp.where(empty, gap_r, gap)
         k = jnp.where(empty, rank + gap_r, k)
-        drawn_cum_gap = jnp.where(empty, jnp.max(jnp.where(slots < gap, cum_after, 0.0)), drawn_cum_gap)
 
         w = sorted_scores[k]
         q = jnp.where(uniform, floor, jnp.maximum(floor, w * inv_mass)) / norm
-        pos = shift_in(pos, gap, k)
-        cum_after = jnp.where(slots < gap, cum_after,
-                              jnp.where(slots == gap, drawn_cum_gap, jnp.concatenate([cum_after[:1], cum_after[:-1]])) + w)
-        c_next = shift_in(c_next, gap, cumsum[k + 1])
+        drawn = _insert(drawn, gap, k, slots[:-1])
+        drawn_cum = jnp.where(slots <= gap, drawn_cum, jnp.pad(drawn_cum[:-1], (1, 0)) + w)
         n_zero_drawn = n_zero_drawn + (k < n_zero)
 
         loss = sorted_losses[k]
@@ -135,29 +134,26 @@ def _run_one(key, sorted_scores, cumsum, sorted_losses, n_zero, clip, *, size, e
         sum_lure = sum_lure + jnp.where(n_left > 1, (1.0 / (n_left * q) - 1.0) * loss
                                         / jnp.maximum(n_left - 1, 1), 0.0)
         count = m + 1
-        if estimator == "lure":
-            est = (sum_loss + (n_pool - count) * sum_lure) / count
-        elif estimator == "is":
-            est = sum_is / (n_pool * count)
-        else:
-            est = sum_loss / count
+        est = jnp.select([estimator == 0, estimator == 1],
+                         [(sum_loss + (n_pool - count) * sum_lure) / count, sum_is / (n_pool * count)],
+                         sum_loss / count)
         out = (est, k, q) if record else est
-        return (pos, cum_after, c_next, n_zero_drawn, sum_loss, sum_is, sum_lure), out
+        return (drawn, drawn_cum, n_zero_drawn, sum_loss, sum_is, sum_lure), out
 
     zero = jnp.zeros((), jnp.float64)
-    carry = (jnp.full((size,), n_pool, jnp.int32), jnp.zeros((size,), jnp.float64),
-             jnp.zeros((size,), jnp.float64), jnp.zeros((), jnp.int32), zero, zero, zero)
+    carry = (jnp.full((size,), n_pool, jnp.int32), jnp.zeros((size + 1,), jnp.float64),
+             jnp.zeros((), jnp.int32), zero, zero, zero)
     _, out = jax.lax.scan(step, carry, (jnp.arange(size, dtype=jnp.int32), uniforms))
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("size", "estimator", "record"))
-def _sweep_chunk(base_key, run_indices, sorted_scores, cumsum, sorted_losses, n_zero, clip, *,
-                 size, estimator, record):
+@functools.partial(jax.jit, static_argnames=("size", "record"))
+def _sweep_chunk(base_key, run_indices, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator, *,
+                 size, record):
     keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(run_indices)
-    run = functools.partial(_run_one, size=size, estimator=estimator, record=record)
-    return jax.vmap(run, in_axes=(0, None, None, None, None, None))(
-        keys, sorted_scores, cumsum, sorted_losses, n_zero, clip)
+    run = functools.partial(_run_one, size=size, record=record)
+    return jax.vmap(run, in_axes=(0,) + (None,) * 6)(
+        keys, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator)
 
 
 def sweep_chunk(pool: PreparedPool, base_key: jax.Array, run_indices: np.ndarray, *, size: int,
@@ -168,7 +164,8 @@ def sweep_chunk(pool: PreparedPool, base_key: jax.Array, run_indices: np.ndarray
         out = _sweep_chunk(base_key, jnp.asarray(run_indices, jnp.int64),
                            jnp.asarray(pool.sorted_scores), jnp.asarray(pool.cumsum),
                            jnp.asarray(pool.sorted_losses), jnp.asarray(pool.n_zero, jnp.int64),
-                           jnp.asarray(clip, jnp.float64), size=size, estimator=estimator,
+                           jnp.asarray(clip, jnp.float64),
+                           jnp.asarray(SAMPLED_ESTIMATORS.index(estimator), jnp.int32), size=size,
                            record=record)
         out = jax.tree.map(np.asarray, out)
     if record:
