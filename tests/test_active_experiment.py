@@ -9,20 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxprobe.active.experiment import (
-    ExperimentConfig, format_table, median_se, relative_error, run_experiment, table_rows, verdicts)
+from jaxprobe.active.acquire import relative_error
+from jaxprobe.active.experiment import ExperimentConfig, format_table, run_experiment, table_rows, verdicts
 from jaxprobe.errors import UserError
-
-
-def test_median_se_and_relative_error_by_hand():
-    estimates = np.array([[0.5, 0.7, 0.9], [0.6, 0.8, 0.7]])  # [size=2, runs=3]
-    np.testing.assert_allclose(median_se(estimates, 0.7), [0.04, 0.01], rtol=1e-12)
-    active = np.array([1.0, 2.0, 3.0, 4.0])
-    iid = np.array([2.0, 4.0, 4.0, 8.0])
-    np.testing.assert_allclose(relative_error(active, iid), [0.5, 0.5, 0.75, 0.5])
-    # offset 2: k active labels against 2 + k uniform ones
-    np.testing.assert_allclose(relative_error(active, iid, offset=2), [0.25, 0.25])
-    assert relative_error(active, iid, offset=4).size == 0
 
 
 def test_table_rows_follow_the_papers_budget_rule():
@@ -57,3 +46,97 @@ def _argv(setup, out, *extra):
             "--label-words", "a,positive", "--pool-size", "40", "--test-size", "20", "--icl-candidates", "20",
             "--icl", "3", "--runs", "64", "--size", "30", "--batch-size", "8", "--no-progress",
             "--out", str(out), *extra]
+
+
+def _outputs(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_experiment_end_to_end_resumes_and_refuses(tiny_setup, capsys):
+    from jaxprobe import cli
+
+    out = tiny_setup["root"] / "exp"
+    assert cli.main(_argv(tiny_setup, out)) == 0
+    printed = capsys.readouterr().out
+    for name in ("table.md", "results.json", "squared_error.png", "relative_error.png", "experiment.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["targets"]) == {"0shot", "3shot"}
+    for target in ("0shot", "3shot"):
+        for method in ("iid", "cross-entropy", "entropy", "nll"):
+            est = np.load(out / "sweeps" / target / method / "estimates.npy")
+            assert est.shape == (30, 64) and np.isfinite(est).all()
+            assert not (out / "sweeps" / target / method / "checkpoint").exists()
+        info = results["targets"][target]
+        assert info["budget_offset"] == (3 if target == "0shot" else 0)
+        assert len(info["relative_error"]["test"]["cross-entropy"]) == 30 - info["budget_offset"]
+        # the median squared error is recomputed here from the saved estimates and test logits
+        test = np.load(out / "evaluations" / f"target-{target}" / "test" / "logits.npy")
+        labels = np.load(out / "evaluations" / f"target-{target}" / "test" / "labels.npy")
+        z = test - np.logaddexp.reduce(test.astype(np.float64), axis=1, keepdims=True)
+        risk = -z[np.arange(len(labels)), labels].mean()
+        est = np.load(out / "sweeps" / target / "cross-entropy" / "estimates.npy")
+        np.testing.assert_allclose(info["median_se"]["test"]["cross-entropy"],
+                                   np.median((est - risk) ** 2, axis=1), rtol=1e-10)
+    # The table at 30 x (50, 100, 200, 300, 400) / 400 labels; a zero-shot target's active rows
+    # at B labels show B - 3 acquired labels (the 3-shot surrogate used 3).
+    table = (out / "table.md").read_text()
+    assert "B - 3 acquired labels" in table and "| Target | Method | 4 | 8 | 15 | 22 | 30 |" in table
+    curves = results["targets"]["0shot"]["median_se"]["test"]
+    assert (f"| 0shot | Unif | {curves['iid'][3] * 1e4:.4f} | {curves['iid'][7] * 1e4:.4f} |" in table)
+    assert (f"|  | CE (LURE) | {curves['cross-entropy'][0] * 1e4:.4f} | {curves['cross-entropy'][4] * 1e4:.4f} |"
+            in table)
+    assert "beats iid" in printed or "does not beat iid" in printed
+    assert len(results["verdicts"]["test"]) == 2 * 4  # 2 targets x (3 acquisitions + ASE)
+
+    # A rerun reuses every stage; a lost sweep is recomputed to the same bits.
+    before = _outputs(out)
+    lost = out / "sweeps" / "0shot" / "entropy" / "estimates.npy"
+    lost_bytes = lost.read_bytes()
+    lost.unlink()
+    assert cli.main(_argv(tiny_setup, out)) == 0
+    assert "continuing the experiment" in capsys.readouterr().out
+    after = _outputs(out)
+    assert lost.read_bytes() == lost_bytes
+    unchanged = [k for k in before if k.startswith(("evaluations", "sweeps")) and "entropy" not in k]
+    assert unchanged and all(after[k] == before[k] for k in unchanged)
+
+    # Other settings in the same folder: one line, nothing touched.
+    assert cli.main(_argv(tiny_setup, out, "--runs", "32")) == 2
+    assert "other settings (runs)" in capsys.readouterr().err
+    assert _outputs(out) == after
+
+
+def test_experiment_bad_flags_write_nothing(tiny_setup, capsys):
+    from jaxprobe import cli
+
+    for extra, message in ((("--size", "41"), "--size 41 is larger than the pool"),
+                           (("--clip", "1.0"), "--clip must be in [0, 1)"),
+                           (("--acquisitions", "cross-entropy,magic"), "unknown acquisition 'magic'"),
+                           (("--test-size", "0"), "needs a test subset")):
+        out = tiny_setup["root"] / "bad"
+        assert cli.main(_argv(tiny_setup, out, *extra)) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_cli_evaluate_then_acquire(tiny_setup, capsys):
+    """The two commands by hand, as a user would chain them, and a surrogate on other rows refused."""
+    from jaxprobe import cli
+
+    root = tiny_setup["root"]
+    common = ["--model", tiny_setup["model"], "--dataset", tiny_setup["data"], "--label-words", "a,positive",
+              "--no-progress"]
+    sizes = ["--pool-size", "40", "--test-size", "20", "--icl-candidates", "20"]
+    assert cli.main(["evaluate", *common, *sizes, "--out", str(root / "zero")]) == 0
+    assert cli.main(["evaluate", *common, "--icl", "3", "--subsets", str(root / "zero"), "--out", str(root / "icl")]) == 0
+    assert cli.main(["evaluate", *common, *sizes, "--seed", "9", "--icl", "3", "--out", str(root / "other")]) == 0
+    acquire = ["acquire", "--target", str(root / "zero"), "--runs", "32", "--size", "20", "--no-progress"]
+    assert cli.main([*acquire, "--surrogate", str(root / "icl"), "--budget-offset", "auto",
+                     "--out", str(root / "ce")]) == 0
+    summary = json.loads((root / "ce" / "summary.json").read_text())
+    assert np.load(root / "ce" / "estimates.npy").shape == (20, 32)
+    assert summary["iid_offset"] == 3 and len(summary["relative_error"]) == 20  # iid ran 3 + 20 labels
+    capsys.readouterr()
+    assert cli.main([*acquire, "--surrogate", str(root / "other"), "--out", str(root / "ce2")]) == 2
+    assert "different pool rows" in capsys.readouterr().err

@@ -14,7 +14,8 @@ Layout under `--out`:
     evaluations/target-0shot/            `jaxprobe evaluate` folders (see evaluate.py)
     evaluations/target-<N>shot/
     evaluations/surrogate-<N>shot/       only with --surrogate-model
-    sweeps/<target>/<acquisition>-lure/estimates.npy   [size, runs] float64, the reference's layout
+    sweeps/<target>/<acquisition>/estimates.npy   [size, runs] float64, the reference's layout
+                                         (iid: plain mean; the others: LURE)
     results.json, table.md, squared_error.png, relative_error.png
 
 Squared error is against the target's mean loss on the held-out test subset (the paper's truth);
@@ -26,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 
+from jaxprobe.active.acquire import run_sweep, summarise_sweep
+from jaxprobe.active.estimators import ACQUISITIONS, ase_estimate, mean_loss
 from jaxprobe.active.evaluate import (
     DEFAULT_SIZES, EvaluateConfig, add_evaluate_arguments, check_same_rows, load_evaluation,
     run_evaluate)
@@ -97,23 +100,8 @@ class ExperimentConfig:
 # ------------------------------------------------------------------------------------ analysis
 
 
-def squared_errors(estimates: np.ndarray, true_risk: float) -> np.ndarray:
-    """[size, runs] squared error of each run's estimate after 1..size labels (spec section 3)."""
-    return (np.asarray(estimates, np.float64) - true_risk) ** 2
-
-
-def median_se(estimates: np.ndarray, true_risk: float) -> np.ndarray:
-    """Median over runs of the squared error, per number of labels: [size]."""
-    return np.median(squared_errors(estimates, true_risk), axis=1)
-
-
-def relative_error(active_median_se: np.ndarray, iid_median_se: np.ndarray, offset: int = 0) -> np.ndarray:
-    """MedSE_active[k] / MedSE_iid[offset + k] for k = 1..size-offset (the paper's relative error;
-    `offset` = ICL examples a zero-shot target's few-shot surrogate already used)."""
-    n = len(active_median_se) - offset
-    if n <= 0:
-        return np.zeros(0)
-    return active_median_se[:n] / iid_median_se[offset: offset + n]
+def _finite_or_none(values: np.ndarray) -> list:
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def table_rows(curves: dict[str, np.ndarray], offset: int, budgets=TABLE_BUDGETS) -> list[list[str]]:
@@ -127,6 +115,13 @@ def table_rows(curves: dict[str, np.ndarray], offset: int, budgets=TABLE_BUDGETS
             cells.append("—" if k < 1 or k > len(curve) else f"{curve[k - 1] * 1e4:.4f}")
         rows.append([METHOD_NAMES.get(method, method) + ("" if method in ("iid", "ase") else " (LURE)"), *cells])
     return rows
+
+
+def table_budgets(size: int) -> tuple[int, ...]:
+    """The paper's 50/100/200/300/400 labels, or the same fractions of a smaller `size`."""
+    if size >= TABLE_BUDGETS[-1]:
+        return TABLE_BUDGETS
+    return tuple(sorted({max(1, round(size * b / TABLE_BUDGETS[-1])) for b in TABLE_BUDGETS}))
 
 
 def format_table(per_target: dict[str, dict], truth: str, runs: int, budgets=TABLE_BUDGETS) -> str:
@@ -146,6 +141,9 @@ def verdicts(per_target: dict[str, dict], truth: str) -> list[str]:
     for target, info in per_target.items():
         for method, rel in info["relative_error"][truth].items():
             if method == "iid" or len(rel) == 0:
+                continue
+            rel = rel[np.isfinite(rel)]  # 0/0 where iid's median error is exactly 0
+            if rel.size == 0:
                 continue
             med = float(np.median(rel))
             wins = float(np.mean(rel < 1.0))
@@ -199,23 +197,23 @@ def plot(per_target: dict[str, dict], truth: str, path_se: Path, path_rel: Path)
 
 def _sweep(target, surrogate, *, acquisition: str, config: ExperimentConfig, true_risk: float,
            folder: Path) -> np.ndarray:
-    """estimates [size, runs] of one acquisition with LURE, from `folder` if already finished."""
+    """estimates [size, runs] of one acquisition with LURE (iid: the plain mean, as `acquire`'s
+    baseline), from `folder` if already finished; a killed sweep resumes from its checkpoint."""
     final = folder / "estimates.npy"
     if final.is_file():
         return np.load(final, allow_pickle=False)
-    from jaxprobe.active.acquire import run_sweep
-
+    uniform = acquisition == "iid"
     estimates = run_sweep(target.logits, surrogate.logits, target.labels, acquisition=acquisition,
-                          estimator="lure", runs=config.runs, size=config.size, seed=config.sweep_seed,
-                          clip=config.clip, temperature=config.temperature, true_risk=true_risk,
-                          checkpoint_dir=folder / "checkpoints", progress=config.progress)
+                          estimator="mean" if uniform else "lure", runs=config.runs, size=config.size,
+                          seed=config.sweep_seed, clip=None if uniform else config.clip,
+                          temperature=config.temperature, true_risk=true_risk,
+                          checkpoint_dir=folder / "checkpoint", progress=config.progress)
     save_npy(final, np.asarray(estimates, np.float64))
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)  # its runs now live in estimates.npy
     return estimates
 
 
 def _check_config(config: ExperimentConfig) -> None:
-    from jaxprobe.active.estimators import ACQUISITIONS
-
     if config.runs < 1:
         raise UserError(f"--runs must be at least 1, not {config.runs}")
     if config.size < 1:
@@ -259,28 +257,26 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     for target_name, (folder, offset) in evaluations.items():
         pool, test = load_evaluation(folder, "pool"), load_evaluation(folder, "test")
         check_same_rows(pool, surrogate, names=("target", "surrogate"))
-        truths = {"test": test.metrics["cross_entropy"], "pool": pool.metrics["cross_entropy"]}
-        curves = {truth: {} for truth in TRUTHS}
+        truths = {"test": mean_loss(test.logits, test.labels), "pool": mean_loss(pool.logits, pool.labels)}
+        estimates = {}
         for method in ("iid", *config.acquisitions):
             log(f"sweep: target {target_name}, {METHOD_NAMES.get(method, method)}, "
                 f"{config.runs} runs x {config.size} labels")
-            estimates = _sweep(pool, surrogate, acquisition=method, config=config, true_risk=truths["test"],
-                               folder=out / "sweeps" / target_name / f"{method}-lure")
-            for truth in TRUTHS:
-                curves[truth][method] = median_se(estimates, truths[truth])
-        if config.ase:
-            from jaxprobe.active.estimators import ase_estimate
-
-            ase = ase_estimate(pool.logits, surrogate.logits, config.temperature)
-            for truth in TRUTHS:
-                curves[truth]["ase"] = np.full(config.size, (ase - truths[truth]) ** 2)
+            estimates[method] = _sweep(pool, surrogate, acquisition=method, config=config, true_risk=truths["test"],
+                                       folder=out / "sweeps" / target_name / method)
+        if config.ase:  # labels play no part: one constant estimate, a single "run"
+            estimates["ase"] = np.full((config.size, 1), ase_estimate(pool.logits, surrogate.logits,
+                                                                       config.temperature))
+        summaries = {truth: {m: summarise_sweep(e, truths[truth], None if m == "iid" else estimates["iid"],
+                                                offset=offset)
+                             for m, e in estimates.items()} for truth in TRUTHS}
         per_target[target_name] = {
-            "offset": offset, "true_risk": truths, "accuracy": {"pool": pool.metrics["accuracy"],
-                                                                 "test": test.metrics["accuracy"]},
-            "median_se": curves,
-            "relative_error": {truth: {m: relative_error(c, curves[truth]["iid"], 0 if m == "ase" else offset)
-                                       for m, c in curves[truth].items() if m != "iid"}
-                               for truth in TRUTHS}}
+            "offset": offset, "true_risk": truths,
+            "accuracy": {"pool": pool.metrics["accuracy"], "test": test.metrics["accuracy"]},
+            "median_se": {truth: {m: np.asarray(sm["median_squared_error"], np.float64) for m, sm in by.items()}
+                          for truth, by in summaries.items()},
+            "relative_error": {truth: {m: np.asarray(sm["relative_error"], np.float64) for m, sm in by.items()
+                                       if m != "iid"} for truth, by in summaries.items()}}
     return _report(config, out, per_target, log)
 
 
@@ -314,12 +310,12 @@ def _run_evaluations(config: ExperimentConfig, out: Path, log) -> dict:
 
 
 def _report(config: ExperimentConfig, out: Path, per_target: dict, log) -> dict:
-    tables = {truth: format_table(per_target, truth, config.runs) for truth in TRUTHS}
+    tables = {truth: format_table(per_target, truth, config.runs, table_budgets(config.size)) for truth in TRUTHS}
     offset_note = (f"Zero-shot target: active methods at a budget of B labels used B - {config.icl} "
                    f"acquired labels (the surrogate already used {config.icl} in-context examples), "
                    f"as in the paper; '—' where that is none.\n") if config.budget_offset else ""
     floor = {t: (info["true_risk"]["pool"] - info["true_risk"]["test"]) ** 2 for t, info in per_target.items()}
-    text = (f"# Active testing on SST-2: {config.model}, surrogate "
+    text = (f"# Active testing on {config.evaluate.dataset}: {config.model}, surrogate "
             f"{config.surrogate_model or config.model} {config.icl}-shot\n\n{offset_note}\n"
             + tables["test"] + "\n" + tables["pool"] + "\n"
             + "Floor of the test-truth error, (R_pool - R_test)^2 x10^4: "
@@ -329,11 +325,12 @@ def _report(config: ExperimentConfig, out: Path, per_target: dict, log) -> dict:
     lines = {truth: verdicts(per_target, truth) for truth in TRUTHS}
     results = {"format": EXPERIMENT_FORMAT, "settings": config.settings(), "targets": {
         t: {"true_risk": info["true_risk"], "accuracy": info["accuracy"], "budget_offset": info["offset"],
-            "median_se": {tr: {m: c.tolist() for m, c in info["median_se"][tr].items()} for tr in TRUTHS},
-            "relative_error": {tr: {m: c.tolist() for m, c in info["relative_error"][tr].items()}
+            "median_se": {tr: {m: _finite_or_none(c) for m, c in info["median_se"][tr].items()} for tr in TRUTHS},
+            "relative_error": {tr: {m: _finite_or_none(c) for m, c in info["relative_error"][tr].items()}
                                for tr in TRUTHS},
-            "median_relative_error": {tr: {m: float(np.median(c)) for m, c in info["relative_error"][tr].items()
-                                           if len(c)} for tr in TRUTHS}}
+            "median_relative_error": {tr: {m: float(np.median(c[np.isfinite(c)]))
+                                           for m, c in info["relative_error"][tr].items() if np.isfinite(c).any()}
+                                      for tr in TRUTHS}}
         for t, info in per_target.items()}, "verdicts": lines}
     save_json(out / "results.json", results)
     for t, info in per_target.items():
