@@ -279,6 +279,8 @@ def load_variants(cfg: ProbeConfig) -> list[Variant]:
                 raise UserError(f"{s.path}: test label set {sorted(test_labels)} differs from the "
                                 f"train set {sorted(train_labels)} of {v.train[0].path}")
     if cfg.layers is not None:
+        if len(set(cfg.layers)) != len(cfg.layers):
+            raise UserError(f"--layers {','.join(map(str, cfg.layers))} repeats a hook point")
         for h in cfg.layers:
             if h not in variants[0].hook_points:
                 raise UserError(f"--layers {h}: the stores have hook points "

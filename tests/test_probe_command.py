@@ -108,8 +108,22 @@ def bad_stores(tmp_path_factory):
         "other-model": make_store(root / "other-model", 10, seed=6, fingerprint="fp-b"),
         "four-points": make_store(root / "four-points", 10, seed=7, n_points=4),
         "nan": make_store(root / "nan", 12, seed=8, poison=7),
-        "unfinished": root / "unfinished",
+        "unfinished": unfinished_store(root / "unfinished"),
     }
+
+
+def unfinished_store(path):
+    def stop_after_one_shard(texts, calls=[]):  # noqa: B006 - counts calls across the run
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return np.zeros((len(texts), 3, D), np.float32)
+
+    with pytest.raises(KeyboardInterrupt):
+        store.write_store(path, prompts=["a", "b", "c"], labels=[0, 1, 0], sample_indices=[0, 1, 2],
+                          settings={}, n_hook_points=3, d_model=D, compute=stop_after_one_shard,
+                          shard_size=2, progress=False, log=lambda _: None)
+    return path
 
 
 @pytest.mark.parametrize("train, test, extra, message", [
@@ -120,6 +134,8 @@ def bad_stores(tmp_path_factory):
     ("raw-train", "nan", [], r"nan/activations.npy: NaN or inf in the activations of row 7"),
     ("raw-train", "missing", [], r"missing: no such file or folder"),
     ("raw-train", "raw-test", ["--layers", "5"], r"--layers 5: the stores have hook points 0..2"),
+    ("raw-train", "raw-test", ["--layers", "1,0-1"], r"--layers 1,0,1 repeats a hook point"),
+    ("raw-train", "unfinished", [], r"unfinished: unfinished store \(1 of 2 shards\); rerun"),
 ])
 def test_bad_stores_are_one_line_errors(stores, bad_stores, tmp_path, capsys, train, test, extra, message):
     paths = {**stores, **bad_stores, "missing": tmp_path / "missing"}
