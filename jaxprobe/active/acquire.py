@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import math
 import shutil
@@ -127,7 +128,8 @@ def _chunks(start: int, stop: int, chunk_runs: int) -> list[tuple[int, int]]:
 
 
 def _sweep_pool(pool, config: SweepConfig, *, checkpoint_dir, chunk_runs: int, threads: int,
-                progress: bool, true_risk: float | None, checkpoint_every_s: float, desc: str) -> np.ndarray:
+                progress: bool, true_risk: float | None, checkpoint_every_s: float, desc: str,
+                log=None) -> np.ndarray:
     """estimates [size, runs] of the sampler over `pool`, in resumable chunks of runs."""
     from tqdm.auto import tqdm
 
@@ -156,6 +158,8 @@ def _sweep_pool(pool, config: SweepConfig, *, checkpoint_dir, chunk_runs: int, t
             state, _ = ckpt.restore(step, {"estimates": np.zeros((size, step))})
             estimates[:, :step] = state["estimates"]
             done = step
+            if log is not None:
+                log(f"{desc}: resuming after run {done} of {runs} from {checkpoint_dir}")
     key = stream_key(config.seed, config.acquisition)
     chunks = _chunks(done, runs, chunk_runs)
     width = LANE_BLOCK * math.ceil((chunks[0][1] - chunks[0][0]) / LANE_BLOCK) if chunks else 0
@@ -244,7 +248,8 @@ def relative_error(active_median_se: np.ndarray, iid_median_se: np.ndarray, offs
 def summarise_sweep(estimates: np.ndarray, true_risk: float, iid_estimates: np.ndarray | None = None, *,
                     offset: int = 0, budgets=TABLE_BUDGETS) -> dict:
     """Per step (1..size labels): median and mean squared error over runs, and with an iid sweep the
-    relative error (median SE ratio, and mean SE ratio); plus the table at `budgets` labels."""
+    relative error (median SE ratio, and mean SE ratio); plus the table at `budgets` labels (those
+    within the sweep, and its last step)."""
     se = (np.asarray(estimates, np.float64) - true_risk) ** 2
     med, mean = np.median(se, axis=1), se.mean(axis=1)
     out = {"true_risk": float(true_risk), "labels": list(range(1, len(se) + 1)),
@@ -263,34 +268,30 @@ def summarise_sweep(estimates: np.ndarray, true_risk: float, iid_estimates: np.n
     out["table"] = [{"labels": b, "median_squared_error_x1e4": float(med[b - 1] * 1e4),
                      "relative_error": (None if rel is None or b > len(rel) or not np.isfinite(rel[b - 1])
                                         else float(rel[b - 1]))}
-                    for b in budgets if b <= len(med)]
+                    for b in sorted({*(b for b in budgets if b <= len(med)), len(med)})]
     return out
 
 
 # ------------------------------------------------------------------------------------ bootstrap
 
 
+@functools.cache  # one jitted function per process (its compilations are cached on it)
 def _bootstrap_fn():
-    import functools
-
     import jax
     import jax.numpy as jnp
 
-    @functools.partial(jax.jit, static_argnames=("length", "resamples", "ddof", "estimator"))
-    def variance(keys, losses, q, budget, pool_size, *, length, resamples, ddof, estimator):
+    @functools.partial(jax.jit, static_argnames=("length", "resamples"))
+    def variance(base_key, losses, q, budget, pool_size, ddof, estimator, *, length, resamples):
         # per run: the estimator's weights at `budget` labels, B resamples of that many points
         # with replacement, the variance of the resampled weighted means (spec §3)
         m = jnp.arange(1, length + 1)
         use = m <= budget
-        if estimator == "lure":
-            c = 1.0 / ((pool_size - m + 1) * q) - 1.0
-            v = 1.0 + (pool_size - budget) / jnp.maximum(pool_size - m, 1) * c
-            v = jnp.where(budget == pool_size, 1.0, v)
-        elif estimator == "is":
-            v = 1.0 / (q * pool_size)
-        else:
-            v = jnp.ones_like(q)
+        c = 1.0 / ((pool_size - m + 1) * q) - 1.0
+        lure = jnp.where(budget == pool_size, 1.0, 1.0 + (pool_size - budget) / jnp.maximum(pool_size - m, 1) * c)
+        v = jnp.select([estimator == 0, estimator == 1], [lure, 1.0 / (q * pool_size)], jnp.ones_like(q))
         x = jnp.where(use, losses * v, 0.0)
+        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base_key, budget), r))(
+            jnp.arange(losses.shape[0]))
 
         def one(key, x_run):
             if resamples == 0:  # the B -> infinity limit: population variance of x over K
@@ -299,7 +300,7 @@ def _bootstrap_fn():
             j = jnp.floor(jax.random.uniform(key, (resamples, length), jnp.float64) * budget)
             j = jnp.minimum(j.astype(jnp.int32), budget - 1)
             means = jnp.sum(jnp.where(use, x_run[j], 0.0), axis=1) / budget
-            return jnp.var(means, ddof=ddof)
+            return jnp.sum((means - means.mean()) ** 2) / (resamples - ddof)
 
         return jax.vmap(one)(keys, x)
 
@@ -320,24 +321,26 @@ def bootstrap_study(pool, config: SweepConfig, *, runs: int = 100, resamples: in
     import jax
     from tqdm.auto import tqdm
 
-    from jaxprobe.active.sampler import stream_key, sweep_chunk
+    from jaxprobe.active.sampler import SAMPLED_ESTIMATORS, stream_key, sweep_chunk
 
     size, n = config.size, pool.size
     budgets = sorted({b for b in (budgets or [*range(25, size + 1, 25), size]) if 1 <= b <= size})
-    est, rows, q = sweep_chunk(pool, stream_key(config.seed, config.acquisition), np.arange(runs),
-                               size=size, clip=config.resolved_clip, estimator=config.estimator, record=True)
+    width = LANE_BLOCK * math.ceil(runs / LANE_BLOCK)  # the sweep's chunk widths: the same bits
+    est, rows, q = (a[:runs] for a in sweep_chunk(
+        pool, stream_key(config.seed, config.acquisition), np.arange(width), size=size,
+        clip=config.resolved_clip, estimator=config.estimator, record=True))
     losses = pool.sorted_losses[np.argsort(pool.order)][rows]  # pool row -> its loss
     fn = _bootstrap_fn()
     pool_risk = float(pool.sorted_losses.mean())
     var_boot = np.zeros((len(budgets), runs))
     base = stream_key(config.seed, "bootstrap/" + config.acquisition)
+    estimator = SAMPLED_ESTIMATORS.index(config.estimator)
     with jax.enable_x64(True):
         for i, b in enumerate(tqdm(budgets, desc="bootstrap", unit="budget", disable=not progress)):
             length = min(size, 1 << max(0, b - 1).bit_length())  # padded length: few compiled shapes
-            keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, b), r))(np.arange(runs))
-            var_boot[i] = np.asarray(fn(keys, losses[:, :length], q[:, :length], b, n, length=length,
-                                        resamples=resamples, ddof=BOOTSTRAP_VARIANCES[variance],
-                                        estimator=config.estimator))
+            var_boot[i] = np.asarray(fn(base, losses[:, :length], q[:, :length], b, n,
+                                        BOOTSTRAP_VARIANCES[variance], estimator, length=length,
+                                        resamples=resamples))
     at_budget = est[:, np.asarray(budgets) - 1].T  # [budgets, runs]
     err2 = (at_budget - true_risk) ** 2
     half_width = 2 * np.sqrt(var_boot)
@@ -451,6 +454,9 @@ def run_acquire(config: AcquireConfig, *, log=print) -> dict:
     target, surrogate, test = load_inputs(config)
     sweep = config.sweep
     sweep.check(len(target.labels))
+    outside = [b for b in config.bootstrap_budgets or () if not 1 <= b <= sweep.size]
+    if outside:
+        raise UserError(f"--bootstrap-budgets {outside[0]} is outside 1..--size {sweep.size}")
     offset = _resolve_offset(config, target, surrogate)
     risk = {"pool": mean_loss(target.logits, target.labels),
             "test": mean_loss(test.logits, test.labels) if test is not None else None}
@@ -458,7 +464,15 @@ def run_acquire(config: AcquireConfig, *, log=print) -> dict:
     target_data = _fingerprint(target.logits, target.labels)
     surrogate_logits = surrogate.logits if surrogate is not None else None
     common = dict(chunk_runs=config.chunk_runs, threads=config.threads, progress=config.progress,
-                  true_risk=true_risk, checkpoint_every_s=config.checkpoint_every)
+                  true_risk=true_risk, checkpoint_every_s=config.checkpoint_every, log=log)
+
+    # everything that can be refused is checked before anything is written
+    needed = min(sweep.size + offset, len(target.labels))
+    use_iid = sweep.acquisition != "iid" and config.iid != "none"
+    iid_estimates = iid_source = None
+    if use_iid and config.iid != "auto":
+        iid_estimates = _load_iid(Path(config.iid), config, target_data, needed)
+        iid_source = str(Path(config.iid) / "estimates.npy")
 
     log(f"pool {len(target.labels)} rows, K={target.n_classes}; true risk ({config.true_risk}) {true_risk:.6f}")
     if sweep.estimator == "ase":
@@ -467,20 +481,13 @@ def run_acquire(config: AcquireConfig, *, log=print) -> dict:
     else:
         pool = prepare_pool(target.logits, surrogate_logits, target.labels, sweep)
         estimates = _sweep_pool(pool, sweep, checkpoint_dir=out / "checkpoint", desc=sweep.acquisition, **common)
-
-    iid_estimates, iid_source = None, None
-    if sweep.acquisition != "iid" and config.iid != "none":
-        needed = min(sweep.size + offset, len(target.labels))
-        if config.iid == "auto":
-            iid_config = dataclasses.replace(sweep, acquisition="iid", estimator="mean", clip=None, size=needed)
-            iid_pool = prepare_pool(target.logits, None, target.labels, iid_config)
-            iid_estimates = _sweep_pool(iid_pool, iid_config, checkpoint_dir=out / "iid_checkpoint",
-                                        desc="iid baseline", **common)
-            save_npy(out / "iid_estimates.npy", iid_estimates)
-            iid_source = "iid_estimates.npy (computed here: --acquisition iid, same --runs and --seed)"
-        else:
-            iid_estimates = _load_iid(Path(config.iid), config, target_data, needed)
-            iid_source = str(Path(config.iid) / "estimates.npy")
+    if use_iid and config.iid == "auto":
+        iid_config = dataclasses.replace(sweep, acquisition="iid", estimator="mean", clip=None, size=needed)
+        iid_pool = prepare_pool(target.logits, None, target.labels, iid_config)
+        iid_estimates = _sweep_pool(iid_pool, iid_config, checkpoint_dir=out / "iid_checkpoint",
+                                    desc="iid baseline", **common)
+        save_npy(out / "iid_estimates.npy", iid_estimates)
+        iid_source = "iid_estimates.npy (computed here: --acquisition iid, same --runs and --seed)"
 
     summary = {"format": SUMMARY_FORMAT,
                "config": {**dataclasses.asdict(config), "sweep": {**dataclasses.asdict(sweep),
