@@ -486,8 +486,9 @@ def _unescape(value: str) -> str:
     return value.replace("\\n", "\n")
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data/prompt/subset flags shared by `evaluate` and `active-experiment`."""
+def add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAULT_SIZES) -> None:
+    """The data/prompt/subset flags shared by `evaluate` and `active-experiment` (`sizes`: the
+    defaults the help shows for the subset flags left out)."""
     d = EvaluateConfig
     g = parser.add_argument_group("data and prompt")
     g.add_argument("--dataset", default=d.dataset,
@@ -515,13 +516,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--icl-seed", type=int, default=d.icl_seed, help="(default: %(default)s)")
     s = parser.add_argument_group("subsets (disjoint, seeded, saved as row indices)")
     s.add_argument("--pool-size", type=int, default=None,
-                   help="rows the acquisition draws from (default: %d)" % DEFAULT_SIZES["pool_size"])
+                   help="rows the acquisition draws from (default: %d)" % sizes["pool_size"])
     s.add_argument("--test-size", type=int, default=None,
-                   help="held-out rows for the true risk; 0 for none (default: %d)" % DEFAULT_SIZES["test_size"])
+                   help="held-out rows for the true risk; 0 for none (default: %d)" % sizes["test_size"])
     s.add_argument("--icl-candidates", type=int, default=None,
-                   help="rows in-context examples are chosen from (default: %d)" % DEFAULT_SIZES["icl_candidates"])
+                   help="rows in-context examples are chosen from (default: %d)" % sizes["icl_candidates"])
     s.add_argument("--seed", type=int, default=None,
-                   help="seed of the subset draw (default: %d)" % DEFAULT_SIZES["seed"])
+                   help="seed of the subset draw (default: %d)" % sizes["seed"])
     s.add_argument("--subsets", default=None, metavar="FILE",
                    help="reuse the subsets of an earlier evaluate (its subsets.json or its folder), "
                         "so every model sees the same rows; checked against the data")
