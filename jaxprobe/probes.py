@@ -47,9 +47,11 @@ because a plain matmul beats a batched one and one pair's optimizer state stays 
 it trains for a block of epochs). `scripts/bench_probe.py` measures it against a PyTorch loop.
 
 Resuming: with `checkpoint_dir`, the probes' parameters, optimizer state, PRNG keys, loss curve
-and the number of finished epochs are saved with Orbax after every block of `epochs_per_block`
-epochs. Training always runs in those blocks, with or without a checkpoint folder, so a resumed
-sweep ends bit-identical to an uninterrupted one. A folder holding another sweep (other data,
+and the number of finished epochs are saved with Orbax at the end of a block of
+`epochs_per_block` epochs once `checkpoint_interval_s` seconds have passed since the last save
+(a sweep of a few seconds never writes its hundreds of MB of optimizer state). Training always
+runs in those blocks, with or without a checkpoint folder, so a resumed sweep ends bit-identical
+to an uninterrupted one. A folder holding another sweep (other data,
 seeds, layers or settings) is refused, never overwritten.
 """
 
@@ -59,6 +61,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,7 +295,8 @@ class VectorMLP(nnx.Module):
 
     Weights are stored [out, in] like torch.nn.Linear: with the seed axis in front, the first
     layer of all seeds is one contiguous [seeds * hidden, d] matrix, so both its forward and its
-    gradient are single plain matmuls.
+    gradient are single plain matmuls. The hidden activations are kept [hidden, rows] for the
+    same reason (the gradient is then [seeds * hidden, rows] x [rows, d], no transposes).
     """
 
     def __init__(self, d_in: int, hidden: int = 128, n_classes: int = 2, *, rngs: nnx.Rngs):
@@ -301,8 +305,8 @@ class VectorMLP(nnx.Module):
         self.out_bias = nnx.Param(_torch_default_uniform(rngs.params(), (n_classes,), hidden))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.relu(jnp.einsum("nd,hd->nh", x, self.hidden_weight[...]))
-        return jnp.einsum("nh,kh->nk", hidden, self.out_weight[...]) + self.out_bias[...]
+        hidden = jax.nn.relu(jnp.einsum("hd,nd->hn", self.hidden_weight[...], x))
+        return jnp.einsum("kh,hn->nk", self.out_weight[...], hidden) + self.out_bias[...]
 
 
 def _seed_keys(seed: int | jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -420,7 +424,7 @@ def _mlp_programs(config: VectorMLPConfig, d_in: int, n_max: int, groups_per_ste
     # Seeds share the group's data (in_axes None), which is what folds them into one matmul.
     epoch_all_seeds = jax.vmap(epoch, in_axes=(0, 0, 0, None, None, None, None))
 
-    def train_group(params, opt_state, shuffle_keys, first_epoch, n_epochs, x, y, n_rows):
+    def train_group(params, opt_state, x, y, n_rows, shuffle_keys, first_epoch, n_epochs):
         def one_epoch(carry, epoch_index):
             params, opt_state = carry
             params, opt_state, loss = epoch_all_seeds(params, opt_state, shuffle_keys, epoch_index,
@@ -431,18 +435,52 @@ def _mlp_programs(config: VectorMLPConfig, d_in: int, n_max: int, groups_per_ste
             one_epoch, (params, opt_state), first_epoch + jnp.arange(n_epochs))
         return params, opt_state, losses.T  # losses [seeds, epochs]
 
+    # One step of the loop over groups trains `groups_per_step` of them (vmapped when > 1).
+    if groups_per_step == 1:
+        def take(a, start):
+            return jax.lax.dynamic_index_in_dim(a, start, keepdims=False)
+
+        def put(a, b, start):
+            return jax.lax.dynamic_update_index_in_dim(a, b, start, 0)
+
+        train_chunk = train_group
+    else:
+        def take(a, start):
+            return jax.lax.dynamic_slice_in_dim(a, start, groups_per_step)
+
+        def put(a, b, start):
+            return jax.lax.dynamic_update_slice_in_dim(a, b, start, 0)
+
+        train_chunk = jax.vmap(train_group, in_axes=(0, 0, 0, 0, 0, None, None, None))
+
     @functools.partial(jax.jit, static_argnames=("n_epochs",), donate_argnums=(0, 1))
-    def train_block(params, opt_state, shuffle_keys, first_epoch, x, y, n_rows, *, n_epochs):
+    def train_block(params, opt_state, shuffle_keys, first_epoch, x, y, n_rows, n_real_groups, *,
+                    n_epochs):
+        """Train every group for `n_epochs` epochs: (params, opt_state, losses [G, S, n_epochs]).
+
+        The stacked state is the loop's carry, read and written one chunk of groups at a time,
+        so XLA updates it in place (no second copy of hundreds of MB of optimizer state). G is a
+        multiple of groups_per_step; groups from n_real_groups on are padding.
+        """
         n_seeds = shuffle_keys.shape[0]
 
-        def group(args):
-            params_g, opt_g, x_g, y_g, n_g = args
-            out = train_group(params_g, opt_g, shuffle_keys, first_epoch, n_epochs, x_g, y_g, n_g)
-            jax.debug.callback(functools.partial(_PROGRESS.tick, n_seeds * n_epochs))
-            return out
+        def body(step, carry):
+            params, opt_state, losses = carry
+            start = step * groups_per_step
+            new_params, new_opt, new_losses = train_chunk(
+                jax.tree.map(lambda a: take(a, start), params),
+                jax.tree.map(lambda a: take(a, start), opt_state),
+                take(x, start), take(y, start), take(n_rows, start),
+                shuffle_keys, first_epoch, n_epochs)
+            real = jnp.clip(n_real_groups - start, 0, groups_per_step)
+            jax.debug.callback(lambda k: _PROGRESS.tick(int(k) * n_seeds * n_epochs), real)
+            return (jax.tree.map(lambda a, b: put(a, b, start), params, new_params),
+                    jax.tree.map(lambda a, b: put(a, b, start), opt_state, new_opt),
+                    put(losses, new_losses, start))
 
-        return jax.lax.map(group, (params, opt_state, x, y, n_rows),
-                           batch_size=None if groups_per_step == 1 else groups_per_step)
+        losses = jnp.zeros((n_rows.shape[0], n_seeds, n_epochs), jnp.float32)
+        return jax.lax.fori_loop(0, n_rows.shape[0] // groups_per_step, body,
+                                 (params, opt_state, losses))
 
     def n_correct(params, x, y, n_rows):
         predicted = jnp.argmax(nnx.merge(graphdef, params)(x), axis=-1)
@@ -469,12 +507,16 @@ def _sweep_meta(recipe, config, seeds, layers, names, train, test, epochs_per_bl
 
 def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, seeds, layers,
                       names, checkpoint_dir, progress, epochs_per_block, groups_per_step,
-                      after_block: Callable[[int], None] | None):
+                      checkpoint_interval_s: float, after_block: Callable[[int], None] | None):
     from tqdm.auto import tqdm
 
     from jaxprobe.ckpt import SweepCheckpoint
 
     n_groups, n_max, d_in = train.x.shape
+    # Pad to whole chunks of groups with copies of group 0 (trained, then dropped).
+    n_padded = -(-n_groups // groups_per_step) * groups_per_step
+    x_train, y_train, n_train = (np.concatenate([a, np.repeat(a[:1], n_padded - n_groups, axis=0)])
+                                 for a in (train.x, train.y, train.n_rows))
     n_seeds = len(seeds)
     train_block, evaluate = _mlp_programs(config, d_in, n_max, groups_per_step)
     tx = _optimizer(config)
@@ -482,9 +524,9 @@ def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, se
     init_keys, shuffle_keys = jax.vmap(_seed_keys)(jnp.asarray(seeds, jnp.uint32))
     seed_params = jax.vmap(lambda k: _init_params(k, d_in, config.hidden))(init_keys)
     # Every (variant, layer) group starts from the same per-seed weights (paired comparisons).
-    params = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_groups, *a.shape)), seed_params)
+    params = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_padded, *a.shape)), seed_params)
     opt_state = jax.vmap(jax.vmap(tx.init))(params)
-    losses = np.full((n_groups, n_seeds, config.epochs), np.nan, np.float32)
+    losses = np.full((n_padded, n_seeds, config.epochs), np.nan, np.float32)
     epochs_done = 0
 
     meta = _sweep_meta("vector-mlp", config, seeds, layers, names, train, test,
@@ -512,10 +554,11 @@ def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, se
             epochs_done = int(saved["epochs_done"])
             params, opt_state = jax.tree.unflatten(treedef, leaves)
 
-        x_train, y_train, n_train = map(jnp.asarray, (train.x, train.y, train.n_rows))
+        x_train, y_train, n_train = map(jnp.asarray, (x_train, y_train, n_train))
         bar = tqdm(total=n_groups * n_seeds * config.epochs, initial=n_groups * n_seeds * epochs_done,
                    unit="probe-epoch", desc="vector-mlp probes", disable=not progress, leave=False)
         _PROGRESS.bar = bar
+        last_save = time.monotonic()
         try:
             while epochs_done < config.epochs:
                 # Blocks end at multiples of epochs_per_block, whatever epoch a run starts from,
@@ -524,23 +567,26 @@ def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, se
                                config.epochs - epochs_done)
                 params, opt_state, block_losses = train_block(
                     params, opt_state, shuffle_keys, jnp.int32(epochs_done), x_train, y_train,
-                    n_train, n_epochs=n_epochs)
+                    n_train, jnp.int32(n_groups), n_epochs=n_epochs)
                 losses[:, :, epochs_done:epochs_done + n_epochs] = np.asarray(block_losses)
                 epochs_done += n_epochs
-                if ckpt is not None:
+                if ckpt is not None and time.monotonic() - last_save >= checkpoint_interval_s:
                     leaves = jax.tree.leaves((params, opt_state))
                     ckpt.save(epochs_done, as_checkpoint(leaves, losses, epochs_done), meta)
+                    last_save = time.monotonic()
                 if after_block is not None:
                     after_block(epochs_done)
         finally:
             _PROGRESS.bar = None
             bar.close()
-        correct = np.asarray(evaluate(params, jnp.asarray(test.x), jnp.asarray(test.y),
+        real_params = jax.tree.map(lambda a: a[:n_groups], params)
+        correct = np.asarray(evaluate(real_params, jnp.asarray(test.x), jnp.asarray(test.y),
                                       jnp.asarray(test.n_rows)))
         accuracy = correct / test.n_rows[:, None]
     finally:
         if ckpt is not None:
             ckpt.close()
+    losses = losses[:n_groups]
     return losses[:, :, -1], accuracy, losses
 
 
@@ -636,6 +682,7 @@ def train_probe_sweep(train: Sequence[tuple[np.ndarray, np.ndarray]],
                       variant_names: Sequence[str] | None = None,
                       epochs_per_block: int = 5,
                       groups_per_step: int = 1,
+                      checkpoint_interval_s: float = 60.0,
                       after_block: Callable[[int], None] | None = None) -> ProbeSweepResult:
     """Train one probe per (variant, layer, seed) and score it on the variant's test rows.
 
@@ -644,6 +691,8 @@ def train_probe_sweep(train: Sequence[tuple[np.ndarray, np.ndarray]],
     `variant_names` name the variants in errors and in the result (default "variant 0", ...).
     `epochs_per_block`: vector-mlp trains (and checkpoints) in blocks of this many epochs.
     `groups_per_step`: (variant, layer) pairs vmapped together per step of the compiled loop.
+    `checkpoint_interval_s`: with `checkpoint_dir`, save at the first block end this many
+    seconds after the previous save (0: after every block).
     `after_block(epochs_done)` runs after each block's checkpoint (tests use it to stop a sweep).
     Bad input (labels, NaN/inf, shapes, layer indices) raises `UserError` naming the variant,
     split, row and hook point.
@@ -683,7 +732,7 @@ def train_probe_sweep(train: Sequence[tuple[np.ndarray, np.ndarray]],
         final_loss, accuracy, curve = _train_vector_mlp(
             config, train_packed, test_packed, seeds, layers, names,
             None if checkpoint_dir is None else Path(checkpoint_dir), progress, epochs_per_block,
-            groups_per_step, after_block)
+            groups_per_step, checkpoint_interval_s, after_block)
         final_loss, accuracy = final_loss.reshape(shape), accuracy.reshape(shape)
         curve = curve.reshape(*shape, config.epochs)
     else:

@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from jaxprobe import probes
 from jaxprobe.errors import UserError
 from jaxprobe.probes import (LogRegConfig, VectorMLPConfig, epoch_batches, initial_params,
                              summarise, train_probe_sweep)
@@ -80,9 +81,12 @@ def test_vmapped_sweep_equals_one_probe_alone(data, sweep, variant, layer_pos, s
     assert alone.test_accuracy[0, 0, 0] == sweep.test_accuracy[index]
 
 
-def test_groups_vmapped_together_give_the_same_numbers(data, sweep):
+def test_groups_vmapped_together_give_the_same_numbers(data, sweep, monkeypatch):
+    ticks = []
+    monkeypatch.setattr(probes._ProgressRelay, "tick", lambda self, amount: ticks.append(amount))
     # 4 (variant, layer) groups in steps of 3: one vmapped chunk plus a remainder
     chunked = _sweep(data, groups_per_step=3, progress=True)
+    assert sum(ticks) == 4 * 2 * LOUD.epochs  # the progress bar counts every probe-epoch once
     np.testing.assert_allclose(chunked.train_loss_by_epoch, sweep.train_loss_by_epoch,
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(chunked.test_accuracy, sweep.test_accuracy)
@@ -161,10 +165,10 @@ def test_killed_sweep_resumes_bit_identical(data, sweep, tmp_path):
 
     with pytest.raises(_Crash):
         _sweep(data, variant_names=("long", "short"), checkpoint_dir=tmp_path,
-               after_block=crash_after_two_epochs)
+               checkpoint_interval_s=0, after_block=crash_after_two_epochs)
     resumed_from = []
     resumed = _sweep(data, variant_names=("long", "short"), checkpoint_dir=tmp_path,
-                     after_block=resumed_from.append)
+                     checkpoint_interval_s=0, after_block=resumed_from.append)
     assert resumed_from == [3, 4]  # epochs 1-2 were not run again
     np.testing.assert_array_equal(resumed.train_loss_by_epoch, sweep.train_loss_by_epoch)
     np.testing.assert_array_equal(resumed.test_accuracy, sweep.test_accuracy)
