@@ -68,10 +68,9 @@ class PreparedPool:
         self.size = len(scores)
 
 
-def _insert(values, slot, new_value, slots):
-    # values[slot:] move right by one and values[slot] = new_value (the last entry falls off)
-    shifted = jnp.pad(values[:-1], (1, 0))
-    return jnp.where(slots < slot, values, jnp.where(slots == slot, new_value, shifted))
+def _shifted_right(values):
+    # values[i - 1] at every i > 0 (entry 0 is never used)
+    return jnp.concatenate([values[:1], values[:-1]])
 
 
 SAMPLED_ESTIMATORS = ("lure", "is", "mean")  # an index into this is a traced argument: one compile
@@ -122,8 +121,10 @@ def _run_one(key, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator,
 
         w = sorted_scores[k]
         q = jnp.where(uniform, floor, jnp.maximum(floor, w * inv_mass)) / norm
-        drawn = _insert(drawn, gap, k, slots[:-1])
-        drawn_cum = jnp.where(slots <= gap, drawn_cum, jnp.pad(drawn_cum[:-1], (1, 0)) + w)
+        # insert k at slot `gap`: later slots move right by one (the last, unused, falls off)
+        tail = slots[:-1] > gap
+        drawn = jnp.where(tail, _shifted_right(drawn), jnp.where(slots[:-1] == gap, k, drawn))
+        drawn_cum = jnp.where(slots > gap, _shifted_right(drawn_cum) + w, drawn_cum)
         n_zero_drawn = n_zero_drawn + (k < n_zero)
 
         loss = sorted_losses[k]
