@@ -24,8 +24,9 @@ def test_table_rows_follow_the_papers_budget_rule():
     zero = table_rows(curves, offset=50)
     assert zero[0] == few[0]  # uniform: B labels
     assert zero[1] == ["CE (LURE)", "—", "25.0000", "75.0000", "125.0000", "175.0000"]  # B - 50 active labels
+    rel = relative_error(curves["cross-entropy"], curve, 50)
     per_target = {"0shot": {"offset": 50, "median_se": {"test": curves},
-                            "relative_error": {"test": {"cross-entropy": relative_error(curves["cross-entropy"], curve, 50)}}}}
+                            "relative_error": {"test": {"cross-entropy": rel}}}}
     text = format_table(per_target, "test", runs=7)
     assert "| 0shot | Unif | 50.0000 |" in text and "|  | CE (LURE) | — | 25.0000 |" in text
     (line,) = verdicts(per_target, "test")
@@ -129,7 +130,8 @@ def test_cli_evaluate_then_acquire(tiny_setup, capsys):
               "--no-progress"]
     sizes = ["--pool-size", "40", "--test-size", "20", "--icl-candidates", "20"]
     assert cli.main(["evaluate", *common, *sizes, "--out", str(root / "zero")]) == 0
-    assert cli.main(["evaluate", *common, "--icl", "3", "--subsets", str(root / "zero"), "--out", str(root / "icl")]) == 0
+    assert cli.main(["evaluate", *common, "--icl", "3", "--subsets", str(root / "zero"),
+                     "--out", str(root / "icl")]) == 0
     assert cli.main(["evaluate", *common, *sizes, "--seed", "9", "--icl", "3", "--out", str(root / "other")]) == 0
     acquire = ["acquire", "--target", str(root / "zero"), "--runs", "32", "--size", "20", "--no-progress"]
     assert cli.main([*acquire, "--surrogate", str(root / "icl"), "--budget-offset", "auto",

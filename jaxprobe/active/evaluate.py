@@ -268,7 +268,10 @@ def load_evaluation(directory: str | Path, subset: str = "pool", *, flag: str = 
     meta_path, sub = directory / "meta.json", directory / subset
     if not meta_path.is_file():
         raise UserError(f"{flag} {directory}: no meta.json; not a folder written by jaxprobe evaluate")
-    meta = load_json(meta_path)
+    try:
+        meta = load_json(meta_path)
+    except ValueError as e:
+        raise UserError(f"{flag} {meta_path}: not valid JSON ({e})") from None
     if not (sub / "metrics.json").is_file():
         what = "has no test subset (evaluated with --test-size 0)" if (
             subset == "test" and meta.get("sizes", {}).get("test_size") == 0) else "is not finished"
@@ -334,7 +337,11 @@ def _settings(config: EvaluateConfig, subsets: dict, lm, label_token_ids: list[i
 def _describe_difference(old: dict, new: dict) -> str:
     keys = [k for k in [*new, *(k for k in old if k not in new)] if old.get(k) != new.get(k)]
     k = keys[0]
-    shorten = lambda v: (repr(v)[:60] + "...") if len(repr(v)) > 60 else repr(v)  # noqa: E731
+
+    def shorten(value) -> str:
+        text = repr(value)
+        return text[:60] + "..." if len(text) > 60 else text
+
     return f"{k}: {shorten(old.get(k))} there vs {shorten(new.get(k))} now" + (
         f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
 
@@ -344,8 +351,11 @@ def _check_out_dir(out: Path) -> dict | None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     if (out / "meta.json").is_file():
-        meta = load_json(out / "meta.json")
-        if meta.get("format") != EVALUATION_FORMAT:
+        try:
+            meta = load_json(out / "meta.json")
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != EVALUATION_FORMAT:
             raise UserError(f"--out {out} holds a meta.json that jaxprobe evaluate did not write")
         return meta
     if out.is_dir() and any(out.iterdir()):
@@ -527,7 +537,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAUL
                    help="reuse the subsets of an earlier evaluate (its subsets.json or its folder), "
                         "so every model sees the same rows; checked against the data")
     r = parser.add_argument_group("running")
-    r.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per forward pass (default: %(default)s)")
+    r.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="prompts per forward pass (default: %(default)s)")
     r.add_argument("--shard-size", type=int, default=d.shard_size,
                    help="prompts per saved shard: the unit a killed run resumes from (default: %(default)s)")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help="(default: %(default)s)")

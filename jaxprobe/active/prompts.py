@@ -119,7 +119,7 @@ def resolve_label_tokens(tokenize: Callable[[list[str]], list[list[int]]], promp
                             f"not one; use a one-token word or --multi-token-labels first")
         token_ids.append(int(rest[0]))
     if len(set(token_ids)) != len(token_ids):
-        clash = [w for w, t in zip(label_words, token_ids) if token_ids.count(t) > 1]
-        raise UserError(f"label words {clash} start with the same token {show([token_ids[label_words.index(clash[0])]])!r}, "
+        clash = [(w, t) for w, t in zip(label_words, token_ids) if token_ids.count(t) > 1]
+        raise UserError(f"label words {[w for w, _ in clash]} start with the same token {show([clash[0][1]])!r}, "
                         f"so one token cannot tell them apart; choose other --label-words")
     return token_ids
