@@ -86,7 +86,7 @@ def test_end_to_end_with_iid_baseline_and_relative_error(folders, iid_run, capsy
 def test_auto_baseline_offset_pool_truth_and_bootstrap(folders, iid_run):
     out = folders["root"] / "entropy"
     assert _acquire(folders, out, "--acquisition", "entropy", "--true-risk", "pool", "--budget-offset", "4",
-                    "--bootstrap", "8", "--bootstrap-resamples", "50", "--bootstrap-budgets", "4,8") == 0
+                    "--bootstrap", "8", "--bootstrap-resamples", "50", "--bootstrap-budgets", "5,8") == 0
     summary = json.loads((out / "summary.json").read_text())
     iid = np.load(out / "iid_estimates.npy")  # the naive mean over uniform draws, SIZE + 4 steps
     assert iid.shape == (SIZE + 4, RUNS)
@@ -95,7 +95,7 @@ def test_auto_baseline_offset_pool_truth_and_bootstrap(folders, iid_run):
     assert summary["true_risk"] == pytest.approx(pool_risk, rel=1e-6) and summary["iid_offset"] == 4
     assert len(summary["relative_error"]) == SIZE
     boot = summary["bootstrap"]
-    assert boot["budgets"] == [4, 8] and boot["ddof"] == 1 and len(boot["coverage"]) == 2
+    assert boot["budgets"] == [5, 8] and boot["ddof"] == 1 and len(boot["coverage"]) == 2
     assert np.load(out / "bootstrap_variance.npy").shape == (2, 8)
 
 
@@ -179,7 +179,7 @@ def test_killed_subprocess_resumes_bit_identical(folders, tmp_path, capsys):
     assert f"resuming after run {done} of 1280" in capsys.readouterr().out
     target, surrogate, labels = folders["target_arrays"]
     uninterrupted = run_sweep(target.astype(np.float32), surrogate.astype(np.float32), labels, runs=1280,
-                              size=SIZE, seed=5, progress=False)  # default chunks: 5 x 256
+                              size=SIZE, seed=5, chunk_runs=1280, progress=False)  # one chunk of 1280
     np.testing.assert_array_equal(np.load(out / "estimates.npy"), uninterrupted)
 
 

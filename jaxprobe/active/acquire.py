@@ -449,6 +449,10 @@ def run_acquire(config: AcquireConfig, *, log=print) -> dict:
         raise UserError("--bootstrap and --bootstrap-resamples must be >= 0")
     if config.bootstrap and config.sweep.estimator == "ase":
         raise UserError("--bootstrap needs a sampling estimator (lure, is or mean), not ase")
+    for flag, value, least in (("--chunk-runs", config.chunk_runs, 1), ("--threads", config.threads, 1),
+                               ("--checkpoint-every", config.checkpoint_every, 0)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, not {value}")
     if config.bootstrap > config.sweep.runs:
         raise UserError(f"--bootstrap {config.bootstrap} is more than --runs {config.sweep.runs}")
     target, surrogate, test = load_inputs(config)
@@ -524,8 +528,13 @@ def _log_table(summary: dict, log) -> None:
             f"({'better' if summary['median_relative_error'] < 1 else 'not better'} than iid)")
 
 
-def _float_or_none(text: str) -> float | None:
-    return None if text.lower() in ("none", "reference") else float(text)
+def _clip_value(text: str) -> float | None:
+    if text.lower() in ("none", "reference"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'reference', not {text!r}") from None
 
 
 def _budgets(text: str) -> tuple[int, ...]:
@@ -570,7 +579,7 @@ def add_acquire_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=s.size, help="labels acquired per run (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=s.seed,
                         help="run r uses key fold_in(seed, acquisition, r) (default: %(default)s)")
-    parser.add_argument("--clip", type=_float_or_none, default=None, metavar="ALPHA",
+    parser.add_argument("--clip", type=_clip_value, default=None, metavar="ALPHA",
                         help="floor alpha/n_left on each probability before renormalising, in [0, 1) "
                              "(default: the reference's per acquisition: 0.1 surrogate ones, 0 iid and "
                              "true-loss, 0.01 self-entropy)")
