@@ -10,7 +10,7 @@ from scipy import stats
 from jaxprobe.active import estimators as E
 from jaxprobe.active.acquire import (
     SweepConfig, bootstrap_study, prepare_pool, relative_error, run_sweep, summarise_sweep)
-from jaxprobe.active.sampler import PreparedPool, stream_key, sweep_chunk
+from jaxprobe.active.sampler import PreparedPool, stream_key, sweep_chunk, sweep_with_uniforms
 from jaxprobe.errors import UserError
 
 N_POOL, SIZE, RUNS = 40, 12, 24  # one compiled shape shared by most tests here
@@ -63,6 +63,24 @@ def test_no_positive_score_left_falls_back_to_uniform():
         assert sorted(rows[r][:2].tolist()) == [2, 4] and sorted(rows[r].tolist()) == list(range(6))
         np.testing.assert_allclose(q[r], _replay(scores, rows[r], 0.0), rtol=1e-12)
         np.testing.assert_allclose(q[r][2:], [1 / 4, 1 / 3, 1 / 2, 1.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.1])
+def test_extreme_uniforms_draw_the_ends_of_the_cdf_and_never_a_drawn_point(clip):
+    # u = 0, the largest double below 1, and 1 itself (never drawn, but where rounding can land)
+    # put the draw on CDF boundaries next to empty gaps between drawn points; the sampler must
+    # still return a remaining point with positive probability
+    scores = np.array([0.0, 0.0, 0.5, 0.5, 1.0, 2.0, 2.0, 7.0])
+    pool = PreparedPool(scores, np.ones(8))
+    top = np.nextafter(1.0, 0.0)
+    _, rows, q = sweep_with_uniforms(pool, np.array([[0.0] * 8, [top] * 8, [1.0] * 8]), clip=clip)
+    np.testing.assert_array_equal(rows[2], rows[1])
+    for r in range(3):
+        assert sorted(rows[r].tolist()) == list(range(8))
+        np.testing.assert_allclose(q[r], _replay(scores, rows[r], clip), rtol=1e-12)
+    ascending = pool.order if clip else np.r_[pool.order[2:], pool.order[:2]]  # zero scores last
+    np.testing.assert_array_equal(rows[0], ascending)
+    np.testing.assert_array_equal(rows[1][: 6 if not clip else 8], pool.order[::-1][: 6 if not clip else 8])
 
 
 def _pair_probabilities(scores, clip, floor_per_step=True):

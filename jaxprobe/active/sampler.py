@@ -76,10 +76,9 @@ def _shifted_right(values):
 SAMPLED_ESTIMATORS = ("lure", "is", "mean")  # an index into this is a traced argument: one compile
 
 
-def _run_one(key, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator, *, size, record):
+def _run_one(uniforms, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator, *, size, record):
     n_pool = sorted_scores.shape[0]
     total = cumsum[n_pool]
-    uniforms = jax.random.uniform(key, (size,), dtype=jnp.float64)
     slots = jnp.arange(size + 1, dtype=jnp.int32)
     bits_pool, bits_drawn = _bits(n_pool), _bits(size)
 
@@ -148,13 +147,31 @@ def _run_one(key, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator,
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("size", "record"))
-def _sweep_chunk(base_key, run_indices, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator, *,
-                 size, record):
-    keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(run_indices)
-    run = functools.partial(_run_one, size=size, record=record)
+def _runs(uniforms, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator, *, record):
+    run = functools.partial(_run_one, size=uniforms.shape[1], record=record)
     return jax.vmap(run, in_axes=(0,) + (None,) * 6)(
-        keys, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator)
+        uniforms, sorted_scores, cumsum, sorted_losses, n_zero, clip, estimator)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "record"))
+def _sweep_chunk(base_key, run_indices, *pool_args, size, record):
+    uniforms = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(base_key, r), (size,), jnp.float64))(
+        run_indices)
+    return _runs(uniforms, *pool_args, record=record)
+
+
+def _pool_args(pool: PreparedPool, clip: float, estimator: str) -> tuple:
+    return (jnp.asarray(pool.sorted_scores), jnp.asarray(pool.cumsum), jnp.asarray(pool.sorted_losses),
+            jnp.asarray(pool.n_zero, jnp.int64), jnp.asarray(clip, jnp.float64),
+            jnp.asarray(SAMPLED_ESTIMATORS.index(estimator), jnp.int32))
+
+
+def _outputs(pool: PreparedPool, out, record: bool):
+    out = jax.tree.map(np.asarray, out)
+    if record:
+        est, pos, q = out
+        return est, pool.order[pos], q
+    return out
 
 
 def sweep_chunk(pool: PreparedPool, base_key: jax.Array, run_indices: np.ndarray, *, size: int,
@@ -162,14 +179,15 @@ def sweep_chunk(pool: PreparedPool, base_key: jax.Array, run_indices: np.ndarray
     """Estimates [runs_in_chunk, size] float64 for the given run indices; with `record`, also the
     drawn pool rows [runs, size] and their proposal probabilities q [runs, size]."""
     with jax.enable_x64(True):
-        out = _sweep_chunk(base_key, jnp.asarray(run_indices, jnp.int64),
-                           jnp.asarray(pool.sorted_scores), jnp.asarray(pool.cumsum),
-                           jnp.asarray(pool.sorted_losses), jnp.asarray(pool.n_zero, jnp.int64),
-                           jnp.asarray(clip, jnp.float64),
-                           jnp.asarray(SAMPLED_ESTIMATORS.index(estimator), jnp.int32), size=size,
-                           record=record)
-        out = jax.tree.map(np.asarray, out)
-    if record:
-        est, pos, q = out
-        return est, pool.order[pos], q
-    return out
+        out = _sweep_chunk(base_key, jnp.asarray(run_indices, jnp.int64), *_pool_args(pool, clip, estimator),
+                           size=size, record=record)
+        return _outputs(pool, out, record)
+
+
+def sweep_with_uniforms(pool: PreparedPool, uniforms: np.ndarray, *, clip: float, estimator: str = "lure"):
+    """(estimates, pool rows, q), each [runs, size], for given U(0, 1) draws [runs, size]: the same
+    sampler as `sweep_chunk` with the randomness supplied (tests drive it to edge cases)."""
+    with jax.enable_x64(True):
+        out = jax.jit(_runs, static_argnames=("record",))(
+            jnp.asarray(uniforms, jnp.float64), *_pool_args(pool, clip, estimator), record=True)
+        return _outputs(pool, out, True)
