@@ -263,10 +263,11 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         truths = {"test": mean_loss(test.logits, test.labels), "pool": mean_loss(pool.logits, pool.labels)}
         estimates = {}
         for method in ("iid", *config.acquisitions):
-            log(f"sweep: target {target_name}, {METHOD_NAMES.get(method, method)}, "
-                f"{config.runs} runs x {config.size} labels")
+            folder = out / "sweeps" / target_name / method
+            log(f"sweep: target {target_name}, {METHOD_NAMES.get(method, method)}, {config.runs} runs x "
+                f"{config.size} labels" + (" (done before)" if (folder / "estimates.npy").is_file() else ""))
             estimates[method] = _sweep(pool, surrogate, acquisition=method, config=config, true_risk=truths["test"],
-                                       folder=out / "sweeps" / target_name / method)
+                                       folder=folder)
         if config.ase:  # labels play no part: one constant estimate, a single "run"
             estimates["ase"] = np.full((config.size, 1), ase_estimate(pool.logits, surrogate.logits,
                                                                        config.temperature))
