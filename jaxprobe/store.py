@@ -233,6 +233,9 @@ def _consolidate(out: Path, shard_slices: list[slice], shape: list[int]) -> None
     """Copy the shards into one activations.npy, through a temp file renamed at the end."""
     fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{ACTIVATIONS}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a store is ordinary data
     try:
         merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(shape))
         for k, rows in enumerate(shard_slices):
