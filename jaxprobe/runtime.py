@@ -45,10 +45,12 @@ def _enable_compilation_cache() -> None:
 
 
 def bucket_length(n: int) -> int:
-    """Pad lengths to a coarse grid (multiples of 16 up to 128, then ~12% steps) so a run over
-    varied lengths compiles a handful of shapes, with little padding."""
+    """Pad lengths to a coarse grid (multiples of 8 up to 64, of 16 up to 128, then ~12% steps) so
+    a run over varied lengths compiles a handful of shapes, with little padding."""
+    if n <= 64:
+        return max(8, -(-n // 8) * 8)
     if n <= 128:
-        return max(16, -(-n // 16) * 16)
+        return -(-n // 16) * 16
     step = 1 << max(4, (n // 8).bit_length() - 1)
     return -(-n // step) * step
 
@@ -293,6 +295,18 @@ def _converted_path(src: str, dtype: str) -> Path:
     return cache_dir() / "checkpoints" / f"{path.stem}-{tag}"
 
 
+def load_tokenizer(folder: Path):
+    """The checkpoint's tokenizer. With a tokenizer.json (every fast tokenizer) the generic fast
+    class reads it without AutoTokenizer's model-class lookup, which imports torch (seconds)."""
+    if (Path(folder) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 def load_model(src: str | os.PathLike = "smollm2-135m", *, dtype: str = "float32",
                mesh_shape: tuple[int, int] | None = None, rules: ShardingRules = DEFAULT_RULES) -> LanguageModel:
     """Load a model for reading activations and logits.
@@ -303,8 +317,6 @@ def load_model(src: str | os.PathLike = "smollm2-135m", *, dtype: str = "float32
     dtype: "float32" (default; fastest on CPUs without bf16 units) or "bfloat16".
     mesh_shape: (data, model) device counts; default all devices on 'data'.
     """
-    from transformers import AutoTokenizer
-
     from jaxprobe.convert import DEFAULT_MODEL, convert
 
     if dtype not in _DTYPES:
@@ -334,5 +346,5 @@ def load_model(src: str | os.PathLike = "smollm2-135m", *, dtype: str = "float32
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)
-    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    tokenizer = load_tokenizer(path / "tokenizer")
     return LanguageModel(model, tokenizer, name=name, mesh=mesh, rules=rules)
