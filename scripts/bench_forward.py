@@ -7,7 +7,7 @@ IMDB test reviews (their last 200 words, random order), batch 8 and 32. Two comp
               output_hidden_states=True on the base model; jaxprobe: lm.activations, which sorts
               by length, buckets the padding and computes no logits).
 Prints tokens/s (real tokens), the ratios, and GFLOP/s against a measured fp32 matmul peak.
-Run: .venv/bin/python scripts/bench_forward.py [--n 64] [--threads 2]
+Run: .venv/bin/python scripts/bench_forward.py [--n 64] [--reps 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--n", type=int, default=64, help="number of reviews (default %(default)s)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batch-sizes", default="8,32")
+    ap.add_argument("--reps", type=int, default=3, help="alternating repetitions per side (median)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -99,6 +100,15 @@ def main():
     def timed(fn, *a, **k):
         t = time.perf_counter(); r = fn(*a, **k); return time.perf_counter() - t, r
 
+    def paired(fa, fb, reps):
+        """Alternate the two sides `reps` times and keep each side's median: this shared CPU's
+        speed drifts by +-20% over minutes, and alternating exposes both sides to the same drift."""
+        ta, tb = [], []
+        for _ in range(reps):
+            t, ra = timed(fa); ta.append(t)
+            t, rb = timed(fb); tb.append(t)
+        return float(np.median(ta)), float(np.median(tb)), ra, rb
+
     rng = np.random.default_rng(0)
     rows = []
     same_flops = 0.0
@@ -107,8 +117,7 @@ def main():
         batches = [order[s:s + bs] for s in range(0, len(order), bs)]
         padded_tokens = sum(len(b) * max(len(ids[i]) for i in b) for b in batches)
         jax_batches(batches)  # compile every shape first: same-work compares steady-state compute
-        t_jax, a = timed(jax_batches, batches)
-        t_hf, b = timed(hf_batches, batches)
+        t_jax, t_hf, a, b = paired(lambda: jax_batches(batches), lambda: hf_batches(batches), args.reps)
         err = max(np.abs(x[:, :-1] - y[:, :-1]).max() / np.abs(y[:, :-1]).max() for x, y in zip(a, b))
         same_flops = sum(flops_per_sequence(lm.config, max(len(ids[i]) for i in bb)) * len(bb) for bb in batches)
         rows.append(("same-work", bs, n_tokens / t_jax, n_tokens / t_hf, same_flops / t_jax / 1e9,
@@ -118,8 +127,8 @@ def main():
         # as the persistent compilation cache gives every later run)
         hf_default = [np.arange(s, min(s + bs, len(ids))) for s in range(0, len(ids), bs)]
         t_first, _ = timed(lm.activations, texts, batch_size=bs)
-        t_jax, a = timed(lm.activations, texts, batch_size=bs)
-        t_hf, b = timed(hf_batches, hf_default)
+        t_jax, t_hf, a, b = paired(lambda: lm.activations(texts, batch_size=bs), lambda: hf_batches(hf_default),
+                                   args.reps)
         useful = sum(flops_per_sequence(lm.config, len(r)) for r in ids)
         rows.append(("realistic", bs, n_tokens / t_jax, n_tokens / t_hf, useful / t_jax / 1e9, useful / t_hf / 1e9,
                      f"jaxprobe first run incl. compile {n_tokens / t_first:.0f} tok/s"))
