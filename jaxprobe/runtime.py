@@ -68,6 +68,13 @@ def longest_common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
     return list(first[:n])
 
 
+def _readable_prefix(ids: Sequence[Sequence[int]]) -> list[int]:
+    """The common prefix, cut so that every sequence keeps at least one token after it."""
+    if not ids:
+        return []
+    return longest_common_prefix(ids)[: max(0, min(len(r) for r in ids) - 1)]
+
+
 class LanguageModel:
     """A loaded model with its tokenizer, placed on a device mesh. See the module docstring."""
 
@@ -122,9 +129,7 @@ class LanguageModel:
     def common_prefix(self, texts: Sequence[str]) -> list[int]:
         """Longest common token prefix of the whole-text tokenisations, leaving at least one token
         of every text after it (the read position must be in the batch part)."""
-        ids = self.tokenize(texts)
-        prefix = longest_common_prefix(ids)
-        return prefix[: max(0, min(len(r) for r in ids) - 1)] if ids else []
+        return _readable_prefix(self.tokenize(texts))
 
     # ---------------------------------------------------------------- compiled programs
 
@@ -188,8 +193,7 @@ class LanguageModel:
         if isinstance(prefix_tokens, str):
             if prefix_tokens != "auto":
                 raise UserError(f"prefix_tokens must be None, 'auto' or a token list, not {prefix_tokens!r}")
-            prefix = longest_common_prefix(ids)
-            prefix = prefix[: max(0, min(len(r) for r in ids) - 1)] if ids else []
+            prefix = _readable_prefix(ids)
         else:
             prefix = list(prefix_tokens or [])
         for i, row in enumerate(ids):
