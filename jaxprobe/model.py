@@ -181,14 +181,14 @@ class Attention(nnx.Module):
         Returns the attention output [B, T, D] and this layer's own keys/values (for caching).
         """
         b, t, _ = x.shape
-        h, kv = self.wq.shape[1], self.n_kv_heads
+        g, r, hd = self.n_kv_heads, self.group, self.wq.shape[2]  # kv heads, queries per kv head
+        h = g * r
         # one [d, (h + 2 kv) * hd] matmul instead of three: larger matmuls run closer to peak on CPU
         wqkv = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1)
         qkv = jnp.einsum("btd,dhk->bthk", x, wqkv)
         q = apply_rope(qkv[:, :, :h], positions, inv_freq)
-        k = apply_rope(qkv[:, :, h:h + kv], positions, inv_freq)
-        v = qkv[:, :, h + kv:]
-        g, r, hd = self.n_kv_heads, self.group, q.shape[-1]
+        k = apply_rope(qkv[:, :, h:h + g], positions, inv_freq)
+        v = qkv[:, :, h + g:]
         # GQA as batched matmuls over (batch, kv head) with the group's query rows folded together:
         # XLA's CPU backend runs these 4-d contractions several times faster than 5-d einsums.
         qf = q.reshape(b, t, g, r, hd).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, hd)  # rows (r, t)
@@ -212,7 +212,7 @@ class Attention(nnx.Module):
             out = out + jnp.einsum("bgms,bsgk->bgmk", probs[..., n_prefix:], v)
         else:
             out = jnp.einsum("bgms,bsgk->bgmk", probs, v)
-        out = out.reshape(b, g, r, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, g * r, hd)
+        out = out.reshape(b, g, r, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), (k, v)
 
 
