@@ -147,15 +147,35 @@ def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
     return jnp.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE. x: [..., T, heads, head_dim]; positions: [..., T]."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [..., T, hd/2]
-    cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[..., None, :]     # [..., T, 1, hd]
-    sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[..., None, :]
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+class Rope(NamedTuple):
+    """Rotate-half RoPE tables for one batch, computed once per forward pass (not once per layer).
+
+    cos, signed_sin: fp32 [B, T, 1, head_dim]; signed_sin is sin with its first half negated, so
+    that rotate_half(x) * sin == swap_halves(x) * signed_sin.
+    """
+
+    cos: jax.Array
+    signed_sin: jax.Array
+
+    @classmethod
+    def at(cls, positions: jax.Array, inv_freq: jax.Array) -> Rope:
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq       # [B, T, hd/2]
+        angles = jnp.concatenate([freqs, freqs], -1)[..., None, :]        # [B, T, 1, hd]
+        sin = jnp.sin(angles)
+        half = sin.shape[-1] // 2
+        return cls(jnp.cos(angles), jnp.concatenate([-sin[..., :half], sin[..., half:]], -1))
+
+    def take(self, index: jax.Array) -> Rope:
+        """The tables at index [B, Tq] (positions along T) only."""
+        pick = lambda table: jnp.take_along_axis(table, index[:, :, None, None], axis=1)
+        return Rope(pick(self.cos), pick(self.signed_sin))
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, heads, head_dim] -> the same, rotated (in fp32, cast back)."""
+        x32 = x.astype(jnp.float32)
+        half = x.shape[-1] // 2
+        swapped = jnp.concatenate([x32[..., half:], x32[..., :half]], -1)
+        return (x32 * self.cos + swapped * self.signed_sin).astype(x.dtype)
 
 
 class PrefixKV(NamedTuple):
@@ -165,6 +185,67 @@ class PrefixKV(NamedTuple):
     v: jax.Array  # [(L,) P, kv_heads, head_dim]
 
 
+# Causal attention runs over blocks of this many query positions, each against only the keys it
+# can see: about half the score, softmax and value work of a full [T, T] pass. 32 measured fastest
+# on the reference CPU for T of 100 to 1,000 (the block count is capped for long inputs).
+QUERY_BLOCK = 32
+MAX_QUERY_BLOCKS = 32
+
+
+def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index=None):
+    """Grouped-query causal attention.
+
+    q: [B, Tq, H, hd], already scaled by 1/sqrt(hd); k, v: [B, T, G, hd] (H a multiple of G);
+    valid: bool [B, T], False on padding keys; prefix: keys/values every sequence of the batch
+    continues (all real tokens, all visible). Queries are at positions 0..T-1 (Tq = T), or, with
+    query_index int32 [B, Tq], at those positions along T only. Returns [B, Tq, H, hd].
+
+    Each kv head's query heads are folded into the rows of one matrix (rows ordered (t, r), so a
+    block of query positions is a contiguous row range): XLA's CPU backend runs these 4-d batched
+    matmuls several times faster than 5-d GQA einsums. Softmax normalisation is applied to the
+    [rows, hd] output instead of the [rows, keys] probabilities.
+    """
+    b, tq, h, hd = q.shape
+    t, g = k.shape[1], k.shape[2]
+    r = h // g
+    qf = q.reshape(b, tq, g, r, hd).transpose(0, 2, 1, 3, 4).reshape(b, g, tq * r, hd)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                  # [B, G, T, hd]
+    n_prefix = 0
+    if prefix is not None:
+        # One [B*T*R, hd] x [hd, P] matmul per kv head for the whole batch.
+        n_prefix = prefix.k.shape[0]
+        qp = qf.transpose(1, 0, 2, 3).reshape(g, b * tq * r, hd)
+        prefix_scores = jnp.einsum("gmk,pgk->gmp", qp, prefix.k, preferred_element_type=jnp.float32)
+        prefix_scores = prefix_scores.reshape(g, b, tq * r, n_prefix).transpose(1, 0, 2, 3)
+    if query_index is None:
+        # (row range, keys it can see, each row's query position [1, rows]) per block of queries
+        block = max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS))
+        blocks = [(slice(start * r, min(t, start + block) * r), min(t, start + block),
+                   (start + jnp.arange((min(t, start + block) - start) * r) // r)[None])
+                  for start in range(0, t, block)]
+    else:
+        blocks = [(slice(0, tq * r), t, jnp.repeat(query_index, r, axis=1))]
+    outs = []
+    for rows, stop, query_pos in blocks:
+        scores = jnp.einsum("bgmk,bgsk->bgms", qf[:, :, rows], kt[:, :, :stop],
+                            preferred_element_type=jnp.float32)
+        visible = jnp.arange(stop)[None, None, :] <= query_pos[:, :, None]             # [B|1, rows, S]
+        scores = jnp.where(visible[:, None] & valid[:, None, None, :stop], scores, _MASKED)
+        if prefix is not None:
+            scores = jnp.concatenate([prefix_scores[:, :, rows], scores], axis=-1)
+        weights = jnp.exp(scores - scores.max(-1, keepdims=True))
+        total = weights.sum(-1, keepdims=True)
+        weights = weights.astype(v.dtype)
+        out = jnp.einsum("bgms,bgsk->bgmk", weights[..., n_prefix:], vt[:, :, :stop],
+                         preferred_element_type=jnp.float32)
+        if prefix is not None:
+            out = out + jnp.einsum("bgmp,pgk->bgmk", weights[..., :n_prefix], prefix.v,
+                                   preferred_element_type=jnp.float32)
+        outs.append((out / total).astype(v.dtype))
+    out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    return out.reshape(b, g, tq, r, hd).transpose(0, 2, 1, 3, 4).reshape(b, tq, h, hd)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -172,47 +253,28 @@ class Attention(nnx.Module):
         self.wk = _normal(rngs, (d, kv, hd), dtype)
         self.wv = _normal(rngs, (d, kv, hd), dtype)
         self.wo = _normal(rngs, (h, hd, d), dtype)
-        self.n_kv_heads = kv
-        self.group = h // kv
 
-    def __call__(self, x, positions, valid, inv_freq, prefix: PrefixKV | None = None):
-        """x: [B, T, D]; positions: [B, T]; valid: [B, T] (False on padding).
+    def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None):
+        """x: [B, T, D]; rope: tables at the batch's positions; valid: [B, T] (False on padding).
 
-        Returns the attention output [B, T, D] and this layer's own keys/values (for caching).
+        Returns the attention output [B, T, D] (or [B, Tq, D] at query_index [B, Tq] only) and this
+        layer's own keys/values (for caching).
         """
-        b, t, _ = x.shape
-        g, r, hd = self.n_kv_heads, self.group, self.wq.shape[2]  # kv heads, queries per kv head
-        h = g * r
-        # one [d, (h + 2 kv) * hd] matmul instead of three: larger matmuls run closer to peak on CPU
-        wqkv = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1)
-        qkv = jnp.einsum("btd,dhk->bthk", x, wqkv)
-        q = apply_rope(qkv[:, :, :h], positions, inv_freq)
-        k = apply_rope(qkv[:, :, h:h + g], positions, inv_freq)
-        v = qkv[:, :, h + g:]
-        # GQA as batched matmuls over (batch, kv head) with the group's query rows folded together:
-        # XLA's CPU backend runs these 4-d contractions several times faster than 5-d einsums.
-        qf = q.reshape(b, t, g, r, hd).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, hd)  # rows (r, t)
-        scale = 1.0 / math.sqrt(hd)
-        causal = jnp.tile(jnp.tril(jnp.ones((t, t), bool)), (r, 1))                    # [R*T, S]
-        mask = causal[None, None] & valid[:, None, None, :]                              # [B, 1, R*T, S]
-        scores = jnp.einsum("bgmk,bsgk->bgms", qf, k, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(mask, scores, _MASKED)
-        if prefix is not None:
-            # The prefix precedes every sequence of the batch and is all real tokens: one
-            # [B*R*T, hd] x [hd, P] matmul per kv head.
-            n_prefix = prefix.k.shape[0]
-            qp = qf.transpose(1, 0, 2, 3).reshape(g, b * r * t, hd)
-            prefix_scores = jnp.einsum("gmk,pgk->gmp", qp, prefix.k, preferred_element_type=jnp.float32)
-            prefix_scores = (prefix_scores * scale).reshape(g, b, r * t, n_prefix).transpose(1, 0, 2, 3)
-            scores = jnp.concatenate([prefix_scores, scores], axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        if prefix is not None:
-            pp = probs[..., :n_prefix].transpose(1, 0, 2, 3).reshape(g, b * r * t, n_prefix)
-            out = jnp.einsum("gmp,pgk->gmk", pp, prefix.v).reshape(g, b, r * t, hd).transpose(1, 0, 2, 3)
-            out = out + jnp.einsum("bgms,bsgk->bgmk", probs[..., n_prefix:], v)
+        h, kv, hd = self.wq.shape[1], self.wk.shape[1], self.wq.shape[2]
+        scale = jnp.asarray(1.0 / math.sqrt(hd), x.dtype)
+        if query_index is None:
+            # one [d, (h + 2 kv) * hd] matmul instead of three: larger matmuls run closer to peak
+            wqkv = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1)
+            qkv = jnp.einsum("btd,dhk->bthk", x, wqkv)
+            qk = rope.apply(qkv[:, :, :h + kv])  # queries and keys rotated in one pass
+            q, k, v = qk[:, :, :h] * scale, qk[:, :, h:], qkv[:, :, h + kv:]
         else:
-            out = jnp.einsum("bgms,bsgk->bgmk", probs, v)
-        out = out.reshape(b, g, r, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+            # keys and values at every position, queries only where the output is read
+            kv_proj = jnp.einsum("btd,dhk->bthk", x, jnp.concatenate([self.wk[...], self.wv[...]], axis=1))
+            k, v = rope.apply(kv_proj[:, :, :kv]), kv_proj[:, :, kv:]
+            x_query = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
+            q = rope.take(query_index).apply(jnp.einsum("btd,dhk->bthk", x_query, self.wq[...])) * scale
+        out = causal_attention(q, k, v, valid, prefix, query_index)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), (k, v)
 
 
@@ -237,8 +299,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, positions, valid, inv_freq, prefix: PrefixKV | None = None):
-        attn_out, kv = self.attn(self.attn_norm(x), positions, valid, inv_freq, prefix)
+    def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None):
+        """Returns the block's output [B, T, D], or [B, Tq, D] at query_index [B, Tq] only."""
+        attn_out, kv = self.attn(self.attn_norm(x), rope, valid, prefix, query_index)
+        if query_index is not None:
+            x = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -308,7 +373,7 @@ def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str 
     `all_logits`. With `prefix`, the batch continues a shared prefix (positions start after it).
     """
     cfg = model.config
-    inv_freq = rope_inv_freq(cfg)
+    rope = Rope.at(positions, rope_inv_freq(cfg))
     x = model.embed(tokens)
     prefix_sum = None if prefix is None else prefix.residual_sum
     prefix_len = None if prefix is None else prefix.length
@@ -321,21 +386,28 @@ def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str 
 
     embed_read = read(x, 0)
     graphdef, block_state = nnx.split(model.blocks)
+    layer_prefix = lambda i: None if prefix is None else jax.tree.map(lambda a: a[i], prefix.kv)
+    layer_block = lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: a[i], block_state))
+    # Reading one position, the last block only needs its output there: its keys and values at
+    # every position, but queries, attention output and MLP at the read position alone.
+    last_at_read = pooling == "last"
+    n_scanned = cfg.n_layers - 1 if last_at_read else cfg.n_layers
 
-    def body(h, xs):
-        layer_state, layer_index, layer_prefix = xs
-        block = nnx.merge(graphdef, layer_state)
-        h, _ = block(h, positions, valid, inv_freq, layer_prefix)
+    def body(h, layer_index):
+        h, _ = layer_block(layer_index)(h, rope, valid, layer_prefix(layer_index))
         return h, read(h, layer_index + 1)
 
-    layer_ids = jnp.arange(cfg.n_layers)
-    xs = (block_state, layer_ids, None if prefix is None else prefix.kv)
-    x, block_reads = jax.lax.scan(body, x, xs)
-
-    resid = None
-    if residual:
-        resid = jnp.concatenate([embed_read[:, None], jnp.swapaxes(block_reads, 0, 1)], axis=1)
-    last = jnp.take_along_axis(x, read_index[:, None, None], axis=1)[:, 0]
+    x, block_reads = jax.lax.scan(body, x, jnp.arange(n_scanned))
+    reads = [embed_read[:, None], jnp.swapaxes(block_reads, 0, 1)] if residual else None
+    if last_at_read:
+        last_layer = cfg.n_layers - 1
+        x = layer_block(last_layer)(x, rope, valid, layer_prefix(last_layer), read_index[:, None])[0]
+        last = x[:, 0]
+        if residual:
+            reads.append(last[:, None].astype(jnp.float32))
+    else:
+        last = jnp.take_along_axis(x, read_index[:, None, None], axis=1)[:, 0]
+    resid = jnp.concatenate(reads, axis=1) if residual else None
     normed = model.final_norm(last)
     logits = None
     if logit_ids is not None:
@@ -350,17 +422,17 @@ def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str 
 def prefix_forward(model: Llama, tokens) -> PrefixCache:
     """Run a shared prefix (int32 [P]) once; return its per-layer keys/values and residual sums."""
     cfg = model.config
-    inv_freq = rope_inv_freq(cfg)
     tokens = tokens[None]
     n = tokens.shape[1]
     positions = jnp.arange(n, dtype=jnp.int32)[None]
     valid = jnp.ones((1, n), bool)
+    rope = Rope.at(positions, rope_inv_freq(cfg))
     x = model.embed(tokens)
     graphdef, block_state = nnx.split(model.blocks)
 
     def body(h, layer_state):
         block = nnx.merge(graphdef, layer_state)
-        h, (k, v) = block(h, positions, valid, inv_freq)
+        h, (k, v) = block(h, rope, valid)
         return h, (k[0], v[0], h[0].astype(jnp.float32).sum(0))
 
     _, (ks, vs, sums) = jax.lax.scan(body, x, block_state)

@@ -1,0 +1,40 @@
+"""How lm.run splits texts into batches: every text once, at most batch_size rows, longest first,
+and never more padded work than fixed-size batches of the length-sorted texts."""
+
+import numpy as np
+import pytest
+
+from jaxprobe.runtime import BATCH_OVERHEAD_TOKENS, batch_row_counts, bucket_length, plan_batches
+
+
+def planned_cost(lengths, batches, batch_size, multiple=1):
+    counts = batch_row_counts(batch_size, multiple)
+    return sum(BATCH_OVERHEAD_TOKENS + min(c for c in counts if c >= len(b)) * bucket_length(lengths[b[0]])
+               for b in batches)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 32])
+def test_plan_covers_every_text_once_within_the_batch_size(batch_size):
+    lengths = list(np.random.default_rng(batch_size).integers(1, 400, size=97))
+    batches = plan_batches(lengths, batch_size)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(1 <= len(b) <= batch_size for b in batches)
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat, reverse=True)  # longest first: memory trouble shows at once
+    fixed = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    fixed = [fixed[s:s + batch_size] for s in range(0, len(fixed), batch_size)]
+    assert planned_cost(lengths, batches, batch_size) <= planned_cost(lengths, fixed, batch_size)
+
+
+def test_a_long_outlier_is_not_padded_into_a_batch_of_short_texts():
+    lengths = [300] + [40] * 15
+    batches = plan_batches(lengths, 16)
+    assert batches[0] == [0]
+    assert sorted(len(b) for b in batches) == [1, 15]
+
+
+def test_row_counts_are_halvings_rounded_to_the_data_axis():
+    assert batch_row_counts(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_row_counts(8, 4) == [4, 8]
+    assert batch_row_counts(6, 4) == [4, 8]
+    assert plan_batches([], 8) == []
