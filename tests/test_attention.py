@@ -29,6 +29,8 @@ def reference_attention(q, k, v, valid, prefix=None, query_index=None):
                     keys = np.concatenate([pk[:, head // r], keys])
                     values = np.concatenate([pv[:, head // r], values])
                     visible = np.concatenate([np.ones(len(pk), bool), visible])
+                if not visible.any():  # a padding query with nothing to see: left as zeros
+                    continue
                 scores = np.where(visible, keys @ q[i, j, head], -np.inf)
                 weights = np.exp(scores - scores.max())
                 out[i, j, head] = weights @ values / weights.sum()
