@@ -220,9 +220,10 @@ def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index
     if query_index is None:
         # (row range, keys it can see, each row's query position [1, rows]) per block of queries
         block = max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS))
-        blocks = [(slice(start * r, min(t, start + block) * r), min(t, start + block),
-                   (start + jnp.arange((min(t, start + block) - start) * r) // r)[None])
-                  for start in range(0, t, block)]
+        blocks = []
+        for start in range(0, t, block):
+            stop = min(t, start + block)
+            blocks.append((slice(start * r, stop * r), stop, (start + jnp.arange((stop - start) * r) // r)[None]))
     else:
         blocks = [(slice(0, tq * r), t, jnp.repeat(query_index, r, axis=1))]
     outs = []

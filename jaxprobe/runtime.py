@@ -81,6 +81,11 @@ def batch_row_counts(batch_size: int, multiple: int = 1) -> list[int]:
     return sorted(counts)
 
 
+def padded_rows(n_texts: int, batch_size: int, multiple: int = 1) -> int:
+    """The rows a batch of n_texts texts is padded to: the least allowed row count that holds them."""
+    return min(c for c in batch_row_counts(batch_size, multiple) if c >= n_texts)
+
+
 def plan_batches(lengths: Sequence[int], batch_size: int, multiple: int = 1,
                  overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
     """Split texts (by token count) into batches of at most batch_size rows, longest first, with
@@ -90,8 +95,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, multiple: int = 1,
     indices into `lengths`."""
     lengths = [int(n) for n in lengths]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    counts = batch_row_counts(batch_size, multiple)
-    rows_for = [0] + [min(c for c in counts if c >= k) for k in range(1, batch_size + 1)]
+    rows_for = [0] + [padded_rows(k, batch_size, multiple) for k in range(1, batch_size + 1)]
     n = len(order)
     best = [0.0] + [float("inf")] * n   # best[j]: least cost of the first j sorted texts
     cut = [0] * (n + 1)
@@ -283,7 +287,6 @@ class LanguageModel:
         program = self._program(pooling=positions, residual=activations, all_logits=all_logits and token_ids is None,
                                 has_ids=logit_ids is not None, has_prefix=cache is not None)
         data_size = self.mesh.shape["data"]
-        counts = batch_row_counts(batch_size, data_size)
         # longest first: a batch too large for memory fails at once, not at the end
         batches = plan_batches([len(r) for r in suffixes], batch_size, data_size)
         from tqdm.auto import tqdm
@@ -291,8 +294,8 @@ class LanguageModel:
         bar = tqdm(total=n, desc="forward", unit="text", disable=not progress, dynamic_ncols=True)
         n_tokens, t0 = 0, time.perf_counter()
         for rows in batches:
-            n_rows = min(c for c in counts if c >= len(rows))
-            batch = _pad_batch([suffixes[i] for i in rows], len(prefix), n_rows)
+            batch = _pad_batch([suffixes[i] for i in rows], len(prefix),
+                               padded_rows(len(rows), batch_size, data_size))
             res = program(self.state, *batch, logit_ids, cache)
             take = len(rows)
             if activations:

@@ -4,12 +4,11 @@ and never more padded work than fixed-size batches of the length-sorted texts.""
 import numpy as np
 import pytest
 
-from jaxprobe.runtime import BATCH_OVERHEAD_TOKENS, batch_row_counts, bucket_length, plan_batches
+from jaxprobe.runtime import BATCH_OVERHEAD_TOKENS, batch_row_counts, bucket_length, padded_rows, plan_batches
 
 
 def planned_cost(lengths, batches, batch_size, multiple=1):
-    counts = batch_row_counts(batch_size, multiple)
-    return sum(BATCH_OVERHEAD_TOKENS + min(c for c in counts if c >= len(b)) * bucket_length(lengths[b[0]])
+    return sum(BATCH_OVERHEAD_TOKENS + padded_rows(len(b), batch_size, multiple) * bucket_length(lengths[b[0]])
                for b in batches)
 
 
@@ -37,4 +36,5 @@ def test_row_counts_are_halvings_rounded_to_the_data_axis():
     assert batch_row_counts(32) == [1, 2, 4, 8, 16, 32]
     assert batch_row_counts(8, 4) == [4, 8]
     assert batch_row_counts(6, 4) == [4, 8]
+    assert [padded_rows(k, 8) for k in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     assert plan_batches([], 8) == []
