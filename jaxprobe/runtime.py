@@ -12,7 +12,9 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -45,16 +47,50 @@ def _enable_compilation_cache() -> None:
 
 
 # XLA's CPU backend hands f32 matmuls to YNNPACK by default. On the reference CPU (2 cores,
-# AVX-512) its Eigen matmuls run this model's forward pass 10-13% faster end to end (measured
-# in one process, alternating, by scripts/bench_forward.py), so the forward programs ask for them.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# AVX-512, x86-64) its oneDNN matmuls run SmolLM2's forward pass fastest, 2-5% over Eigen's
+# (median of 10-30 alternations per shape), which beat YNNPACK's by 10-13%.
+# XLA takes one library per program. JAXPROBE_CPU_MATMUL (onednn, eigen, ynnpack) fixes the choice.
+CPU_MATMUL_OPTIONS = {
+    "ynnpack": {},
+    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "onednn": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True,
+               "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+}
+# XLA cannot write oneDNN programs to its on-disk compilation cache, so every process compiles
+# them anew (2.5 s more than loading an Eigen program from disk, for SmolLM2's forward). A program
+# shape gets oneDNN only when its planned work is long enough for the ~3% to repay that:
+# 2e13 FLOPs, about 100 s at 200 GFLOP/s.
+ONEDNN_MIN_FLOPS = 2e13
+warnings.filterwarnings("ignore", message=r"Error writing persistent compilation cache entry.*onednn")
 
 
-def compiler_options(mesh) -> dict | None:
-    """XLA options for programs on this mesh: the CPU matmul choice above, nothing elsewhere."""
+def cpu_matmul_library(planned_flops: float = 0.0) -> str:
+    """The CPU matmul library for a program that will run `planned_flops` in this process:
+    JAXPROBE_CPU_MATMUL if set; else oneDNN on x86-64 (the only place jaxlib ships it) when the
+    work repays its uncached compile, Eigen otherwise."""
+    choice = os.environ.get("JAXPROBE_CPU_MATMUL", "").strip().lower()
+    if choice:
+        if choice not in CPU_MATMUL_OPTIONS:
+            raise UserError(f"JAXPROBE_CPU_MATMUL={choice!r}: expected one of {', '.join(CPU_MATMUL_OPTIONS)}")
+        return choice
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return "onednn" if x86 and planned_flops >= ONEDNN_MIN_FLOPS else "eigen"
+
+
+def compiler_options(mesh, library: str | None = None) -> dict | None:
+    """XLA options for programs on this mesh: on CPU, the matmul library (default: the choice for
+    a short program); nothing elsewhere."""
     if all(d.platform == "cpu" for d in mesh.devices.flat):
-        return dict(CPU_COMPILER_OPTIONS)
+        return dict(CPU_MATMUL_OPTIONS[library or cpu_matmul_library()])
     return None
+
+
+def forward_flops(cfg: LlamaConfig, rows: int, length: int) -> float:
+    """Matmul FLOPs of one forward pass over a [rows, length] batch (blocks only, causal attention)."""
+    d, h, kv, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    weights = d * hd * (2 * h + 2 * kv) + 3 * d * f
+    attention = 2 * h * hd * length * (length + 1) / 2  # QK^T and PV over the visible keys
+    return cfg.n_layers * rows * (2 * weights * length + 2 * attention)
 
 
 def bucket_length(n: int) -> int:
@@ -193,8 +229,9 @@ class LanguageModel:
     def _batch_sharding(self, ndim: int) -> NamedSharding:
         return NamedSharding(self.mesh, P("data", *([None] * (ndim - 1))))
 
-    def _program(self, *, pooling: str, residual: bool, all_logits: bool, has_ids: bool, has_prefix: bool):
-        key = (pooling, residual, all_logits, has_ids, has_prefix)
+    def _program(self, *, pooling: str, residual: bool, all_logits: bool, has_ids: bool, has_prefix: bool,
+                 library: str | None = None):
+        key = (pooling, residual, all_logits, has_ids, has_prefix, library)
         if key in self._programs:
             return self._programs[key]
         graphdef = self.graphdef
@@ -212,7 +249,7 @@ class LanguageModel:
             run,
             in_shardings=(self._param_shardings(), row2, row2, row2, row1,
                           replicated if has_ids else None, replicated if has_prefix else None),
-            out_shardings=outs, compiler_options=compiler_options(self.mesh))
+            out_shardings=outs, compiler_options=compiler_options(self.mesh, library))
         self._programs[key] = program
         return program
 
@@ -284,19 +321,27 @@ class LanguageModel:
             logit_ids = jnp.asarray(token_ids, jnp.int32)
 
         cache = self.prefix_cache(prefix) if prefix else None
-        program = self._program(pooling=positions, residual=activations, all_logits=all_logits and token_ids is None,
-                                has_ids=logit_ids is not None, has_prefix=cache is not None)
         data_size = self.mesh.shape["data"]
         # longest first: a batch too large for memory fails at once, not at the end
         batches = plan_batches([len(r) for r in suffixes], batch_size, data_size)
+        shapes = [(padded_rows(len(rows), batch_size, data_size), bucket_length(max(len(suffixes[i]) for i in rows)))
+                  for rows in batches]
+        shape_flops: dict[tuple[int, int], float] = {}
+        for shape in shapes:
+            shape_flops[shape] = shape_flops.get(shape, 0.0) + forward_flops(self.config, *shape)
+
+        def program_for(shape):
+            return self._program(pooling=positions, residual=activations,
+                                 all_logits=all_logits and token_ids is None, has_ids=logit_ids is not None,
+                                 has_prefix=cache is not None, library=cpu_matmul_library(shape_flops[shape]))
+
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="forward", unit="text", disable=not progress, dynamic_ncols=True)
         n_tokens, t0 = 0, time.perf_counter()
-        for rows in batches:
-            batch = _pad_batch([suffixes[i] for i in rows], len(prefix),
-                               padded_rows(len(rows), batch_size, data_size))
-            res = program(self.state, *batch, logit_ids, cache)
+        for rows, shape in zip(batches, shapes):
+            batch = _pad_batch([suffixes[i] for i in rows], len(prefix), shape[0])
+            res = program_for(shape)(self.state, *batch, logit_ids, cache)
             take = len(rows)
             if activations:
                 out["activations"][rows] = np.asarray(res.residual)[:take]

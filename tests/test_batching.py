@@ -1,9 +1,13 @@
 """How lm.run splits texts into batches: every text once, at most batch_size rows, longest first,
-and never more padded work than fixed-size batches of the length-sorted texts."""
+and never more padded work than fixed-size batches of the length-sorted texts; and how it picks
+each batch shape's CPU matmul library from the work planned for it."""
 
 import numpy as np
 import pytest
 
+from jaxprobe import runtime
+from jaxprobe.errors import UserError
+from jaxprobe.model import LlamaConfig
 from jaxprobe.runtime import BATCH_OVERHEAD_TOKENS, batch_row_counts, bucket_length, padded_rows, plan_batches
 
 
@@ -38,3 +42,24 @@ def test_row_counts_are_halvings_rounded_to_the_data_axis():
     assert batch_row_counts(6, 4) == [4, 8]
     assert [padded_rows(k, 8) for k in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     assert plan_batches([], 8) == []
+
+
+def test_cpu_matmul_library_pays_for_onednn_only_on_long_work(monkeypatch):
+    monkeypatch.delenv("JAXPROBE_CPU_MATMUL", raising=False)
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    assert runtime.cpu_matmul_library(0.0) == "eigen"  # short: Eigen, whose compile XLA caches on disk
+    assert runtime.cpu_matmul_library(runtime.ONEDNN_MIN_FLOPS) == "onednn"
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")
+    assert runtime.cpu_matmul_library(1e18) == "eigen"  # jaxlib ships oneDNN on x86-64 only
+    monkeypatch.setenv("JAXPROBE_CPU_MATMUL", "YNNPACK")
+    assert runtime.cpu_matmul_library(0.0) == "ynnpack"
+    monkeypatch.setenv("JAXPROBE_CPU_MATMUL", "mkl")
+    with pytest.raises(UserError, match="JAXPROBE_CPU_MATMUL='mkl'"):
+        runtime.cpu_matmul_library(0.0)
+
+
+def test_forward_flops_counts_weights_and_causal_attention():
+    cfg = LlamaConfig(vocab_size=10, d_model=4, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=2, d_ff=8)
+    weights = 4 * 2 * (2 * 2 + 2 * 1) + 3 * 4 * 8  # q, o: 2 heads; k, v: 1 head; gate, up, down
+    attention = 2 * 2 * 2 * 3 * 4 / 2               # 3 tokens see 1 + 2 + 3 keys
+    assert runtime.forward_flops(cfg, 5, 3) == 2 * 5 * (2 * weights * 3 + 2 * attention)

@@ -47,6 +47,19 @@ def test_every_hidden_state_and_logits_match_hf(hf_variant_models, variant):
         np.testing.assert_allclose(mean[i], hs.mean(axis=1), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("library", ["onednn", "eigen", "ynnpack"])
+def test_every_cpu_matmul_library_matches_hf(hf_variant_models, library, monkeypatch):
+    """The forward programs pick a CPU matmul library per shape; each must give HF's numbers."""
+    monkeypatch.setenv("JAXPROBE_CPU_MATMUL", library)
+    model, _, ckpt = hf_variant_models["gqa-tied"]
+    lm = jaxprobe.load_model(ckpt)
+    res = lm.run(TEXTS, activations=True, all_logits=True, batch_size=4)
+    for i, ids in enumerate(lm.tokenize(TEXTS)):
+        hs, _, logits = hf_reference(model, ids)
+        np.testing.assert_allclose(res["activations"][i], hs[:, -1], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(res["logits"][i], logits[-1], atol=1e-4, rtol=0)
+
+
 def test_label_token_logits_are_the_full_logits_restricted(hf_variant_models):
     _, _, ckpt = hf_variant_models["gqa-tied"]
     lm = jaxprobe.load_model(ckpt)
