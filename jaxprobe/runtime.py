@@ -105,8 +105,8 @@ def bucket_length(n: int) -> int:
     return -(-n // step) * step
 
 
-# What one more batch costs beyond its tokens, in tokens: a forward pass reads every weight once
-# whatever the batch (about 0.12 s for SmolLM2 on the reference CPU, ~120 tokens' worth).
+# What one more batch costs beyond its tokens, in tokens: a forward pass reads and copies every
+# weight once whatever the batch (about 0.1-0.12 s for SmolLM2 on the reference CPU, ~120 tokens' worth).
 BATCH_OVERHEAD_TOKENS = 128
 
 
@@ -329,19 +329,18 @@ class LanguageModel:
         shape_flops: dict[tuple[int, int], float] = {}
         for shape in shapes:
             shape_flops[shape] = shape_flops.get(shape, 0.0) + forward_flops(self.config, *shape)
-
-        def program_for(shape):
-            return self._program(pooling=positions, residual=activations,
-                                 all_logits=all_logits and token_ids is None, has_ids=logit_ids is not None,
-                                 has_prefix=cache is not None, library=cpu_matmul_library(shape_flops[shape]))
+        programs = {shape: self._program(pooling=positions, residual=activations,
+                                         all_logits=all_logits and token_ids is None, has_ids=logit_ids is not None,
+                                         has_prefix=cache is not None, library=cpu_matmul_library(flops))
+                    for shape, flops in shape_flops.items()}
 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="forward", unit="text", disable=not progress, dynamic_ncols=True)
         n_tokens, t0 = 0, time.perf_counter()
         for rows, shape in zip(batches, shapes):
-            batch = _pad_batch([suffixes[i] for i in rows], len(prefix), shape[0])
-            res = program_for(shape)(self.state, *batch, logit_ids, cache)
+            batch = _pad_batch([suffixes[i] for i in rows], len(prefix), shape)
+            res = programs[shape](self.state, *batch, logit_ids, cache)
             take = len(rows)
             if activations:
                 out["activations"][rows] = np.asarray(res.residual)[:take]
@@ -368,12 +367,12 @@ class LanguageModel:
                         progress=progress)["logits"]
 
 
-def _pad_batch(rows: list[list[int]], offset: int, n_rows: int | None = None):
-    """Right-pad a batch to a bucketed length and n_rows rows (filler rows after the real ones).
+def _pad_batch(rows: list[list[int]], offset: int, shape: tuple[int, int] | None = None):
+    """Right-pad a batch to shape (n_rows, length), filler rows after the real ones; by default
+    the rows as they are and the bucketed length of the longest.
 
     Returns tokens, positions, valid, read_index (int32/bool numpy arrays)."""
-    t = bucket_length(max(len(r) for r in rows))
-    b = max(len(rows), n_rows or 0)
+    b, t = shape or (len(rows), bucket_length(max(len(r) for r in rows)))
     tokens = np.zeros((b, t), np.int32)
     valid = np.zeros((b, t), bool)
     lengths = np.ones((b,), np.int32)

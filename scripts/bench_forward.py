@@ -99,9 +99,7 @@ def main():
 
     def jax_batch(rows):
         rows_ids = [ids[i] for i in rows]
-        t = max(map(len, rows_ids))
-        tokens, positions, valid, read = _pad_batch(rows_ids, 0)
-        tokens, positions, valid = tokens[:, :t], positions[:, :t], valid[:, :t]  # exact, as HF
+        tokens, positions, valid, read = _pad_batch(rows_ids, 0, (len(rows), max(map(len, rows_ids))))  # as HF
         return np.asarray(program(lm.state, tokens, positions, valid, read, None, None).residual)
 
     def timed(fn, *a, **k):
