@@ -135,20 +135,21 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Key mapping: (source tensor name) -> (our parameter path, layer index or None, transform)
+# Key mapping: (source tensor name) -> (our parameter path, where in it, array in our layout)
 
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 _HF_LAYER_PARAMS = {
     "input_layernorm": ("blocks", "attn_norm", "weight"),
-    "self_attn.q_proj": ("blocks", "attn", "wq"),
-    "self_attn.k_proj": ("blocks", "attn", "wk"),
-    "self_attn.v_proj": ("blocks", "attn", "wv"),
+    "self_attn.q_proj": ("blocks", "attn", "wqkv"),
+    "self_attn.k_proj": ("blocks", "attn", "wqkv"),
+    "self_attn.v_proj": ("blocks", "attn", "wqkv"),
     "self_attn.o_proj": ("blocks", "attn", "wo"),
     "post_attention_layernorm": ("blocks", "mlp_norm", "weight"),
-    "mlp.gate_proj": ("blocks", "mlp", "w_gate"),
-    "mlp.up_proj": ("blocks", "mlp", "w_up"),
+    "mlp.gate_proj": ("blocks", "mlp", "w_gate_up"),
+    "mlp.up_proj": ("blocks", "mlp", "w_gate_up"),
     "mlp.down_proj": ("blocks", "mlp", "w_down"),
 }
+HF_LAYER_TENSORS = tuple(f"model.layers.{{}}.{part}.weight" for part in _HF_LAYER_PARAMS)
 _HF_GLOBAL = {
     "model.embed_tokens.weight": ("embed", "weight"),
     "model.norm.weight": ("final_norm", "weight"),
@@ -164,9 +165,11 @@ _GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
 
-def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, ...], int | None, np.ndarray]:
-    """Map one HF tensor (torch layout [out, in]) to (our path, layer index, array in our layout),
-    checking its shape, in the source's layout, against the config."""
+def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, ...], tuple | None, np.ndarray]:
+    """Map one HF tensor (torch layout [out, in]) to (our path, the index it fills in that
+    parameter or None for all of it, array in our layout), checking its shape, in the source's
+    layout, against the config. Fused parameters take several tensors: q/k/v fill slots of
+    `wqkv`'s group axis, gate/up the two rows of `w_gate_up`."""
     shapes = param_shapes(cfg)
     if name in _HF_GLOBAL:
         path, layer = _HF_GLOBAL[name], None
@@ -177,21 +180,27 @@ def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, .
         m = _HF_LAYER.fullmatch(name)
         if not m or m.group(2) not in _HF_LAYER_PARAMS:
             raise UserError(f"unknown tensor {name!r} (shape {tuple(w.shape)}): not part of a plain LLaMA model")
-        layer, path = int(m.group(1)), _HF_LAYER_PARAMS[m.group(2)]
+        layer, part, path = int(m.group(1)), m.group(2), _HF_LAYER_PARAMS[m.group(2)]
         if not 0 <= layer < cfg.n_layers:
             raise UserError(f"tensor {name!r} names layer {layer} but the config has {cfg.n_layers} layers")
         want = shapes[path][1:]
+        d, g, hd, r = cfg.d_model, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+        if path[-1] == "wqkv":  # [heads*hd, d] -> [d, kv groups, heads per group, hd], into its slots
+            heads, slots = {"self_attn.q_proj": (r, slice(0, r)), "self_attn.k_proj": (1, slice(r, r + 1)),
+                            "self_attn.v_proj": (1, slice(r + 1, r + 2))}[part]
+            _check_shape(name, w, (g * heads * hd, d))
+            return path, (layer, slice(None), slice(None), slots), w.T.reshape(d, g, heads, hd)
+        if path[-1] == "w_gate_up":  # [d_ff, d] -> [d, d_ff], into row 0 (gate) or 1 (up)
+            _check_shape(name, w, (cfg.d_ff, d))
+            return path, (layer, slice(None), 0 if part == "mlp.gate_proj" else 1), w.T
     if len(want) == 1 or path == ("embed", "weight"):  # norms, embeddings: stored as we store them
         _check_shape(name, w, want)
-        return path, layer, w
+        return path, (None if layer is None else (layer,)), w
     if path[-1] == "wo":  # [d, heads*hd] -> [heads, hd, d]
         _check_shape(name, w, (cfg.d_model, cfg.n_heads * cfg.head_dim))
-        return path, layer, w.T.reshape(want)
-    if len(want) == 3:  # q/k/v: [heads*hd, d] -> [d, heads, hd]
-        _check_shape(name, w, (want[1] * want[2], want[0]))
-        return path, layer, w.T.reshape(want)
+        return path, (layer,), w.T.reshape(want)
     _check_shape(name, w, want[::-1])  # plain linear: torch [out, in] -> ours [in, out]
-    return path, layer, w.T
+    return path, (None if layer is None else (layer,)), w.T
 
 
 def _check_shape(name, w, shape):
@@ -344,23 +353,21 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32",
 
     shapes = param_shapes(cfg)
     params = {p: np.zeros(s, np_dtype) for p, s in shapes.items()}
-    seen: dict[tuple, set] = {p: set() for p in shapes}
-    n_tensors = 9 * cfg.n_layers + 2 + (0 if cfg.tie_embeddings else 1)
-    for name, w in tqdm(tensors, total=n_tensors, desc="converting", unit="tensor", disable=not progress):
-        p, layer, w = hf_to_ours(cfg, name, w)
+    expected = [name for name, p in _HF_GLOBAL.items() if p in shapes]
+    expected += [name.format(i) for i in range(cfg.n_layers) for name in HF_LAYER_TENSORS]
+    seen: set[str] = set()
+    for name, w in tqdm(tensors, total=len(expected), desc="converting", unit="tensor", disable=not progress):
+        p, index, w = hf_to_ours(cfg, name, w)
         if p == ("lm_head",) and cfg.tie_embeddings:
             continue
-        if layer is None:
+        if index is None:
             params[p][...] = w
         else:
-            params[p][layer] = w
-        seen[p].add(layer)
-    for p, layers in seen.items():
-        expected = set(range(cfg.n_layers)) if p[0] == "blocks" else {None}
-        missing = sorted(expected - layers, key=lambda x: -1 if x is None else x)
-        if missing:
-            where = f" for layer {missing[0]}" if missing[0] is not None else ""
-            raise UserError(f"missing tensor {'.'.join(p)}{where} in {path}")
+            params[p][index] = w
+        seen.add(name)
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        raise UserError(f"missing tensor {missing[0]} in {path}")
 
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(out / "tokenizer")

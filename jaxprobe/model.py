@@ -2,7 +2,11 @@
 residual stream.
 
 Conventions (HF `LlamaForCausalLM` numerics, so HF weights need no permutation):
-- Linear weights are stored `[in, out]` with named head axes (`wq: [d_model, n_heads, head_dim]`).
+- Linear weights are stored `[in, out]` with named head axes. The matmuls that share an input are
+  stored fused, so no forward pass copies weights together: `wqkv: [d_model, kv_heads, r + 2,
+  head_dim]` holds each KV group's r = n_heads / kv_heads query heads, then its key and its value
+  head (query head g * r + j is `wqkv[:, g, j]`, HF's GQA order; a 'model' mesh axis splits whole
+  groups), and `w_gate_up: [d_model, 2, d_ff]` the SwiGLU gate and up projections.
 - RoPE is HF's rotate-half over `(i, i + head_dim/2)` pairs, computed in fp32.
 - RMSNorm, softmax and RoPE run in fp32; matmuls in the parameter dtype (fp32 or bf16).
 - The blocks' parameters are stacked on a leading `layer` axis (created with `nnx.vmap`) and run
@@ -84,13 +88,10 @@ class LlamaConfig:
 PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("embed", "weight"): ("vocab", "embed"),
     ("blocks", "attn_norm", "weight"): ("layer", "embed"),
-    ("blocks", "attn", "wq"): ("layer", "embed", "heads", "head_dim"),
-    ("blocks", "attn", "wk"): ("layer", "embed", "kv_heads", "head_dim"),
-    ("blocks", "attn", "wv"): ("layer", "embed", "kv_heads", "head_dim"),
+    ("blocks", "attn", "wqkv"): ("layer", "embed", "kv_heads", "qkv", "head_dim"),
     ("blocks", "attn", "wo"): ("layer", "heads", "head_dim", "embed"),
     ("blocks", "mlp_norm", "weight"): ("layer", "embed"),
-    ("blocks", "mlp", "w_gate"): ("layer", "embed", "ffn"),
-    ("blocks", "mlp", "w_up"): ("layer", "embed", "ffn"),
+    ("blocks", "mlp", "w_gate_up"): ("layer", "embed", "gate_up", "ffn"),
     ("blocks", "mlp", "w_down"): ("layer", "ffn", "embed"),
     ("final_norm", "weight"): ("embed",),
     ("lm_head",): ("embed", "vocab"),
@@ -101,7 +102,7 @@ def param_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """The shape of every parameter, by path: the single source of truth for conversion checks."""
     sizes = {"vocab": cfg.vocab_size, "embed": cfg.d_model, "layer": cfg.n_layers,
              "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-             "ffn": cfg.d_ff}
+             "ffn": cfg.d_ff, "qkv": cfg.n_heads // cfg.n_kv_heads + 2, "gate_up": 2}
     return {path: tuple(sizes[a] for a in axes) for path, axes in PARAM_AXES.items()
             if not (path == ("lm_head",) and cfg.tie_embeddings)}
 
@@ -250,9 +251,8 @@ def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = _normal(rngs, (d, h, hd), dtype)
-        self.wk = _normal(rngs, (d, kv, hd), dtype)
-        self.wv = _normal(rngs, (d, kv, hd), dtype)
+        # per KV group: its h / kv query heads, its key head, its value head (see the module docstring)
+        self.wqkv = _normal(rngs, (d, kv, h // kv + 2, hd), dtype)
         self.wo = _normal(rngs, (h, hd, d), dtype)
 
     def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None):
@@ -261,20 +261,24 @@ class Attention(nnx.Module):
         Returns the attention output [B, T, D] (or [B, Tq, D] at query_index [B, Tq] only) and this
         layer's own keys/values (for caching).
         """
-        h, kv, hd = self.wq.shape[1], self.wk.shape[1], self.wq.shape[2]
+        b, t = x.shape[:2]
+        _, g, slots, hd = self.wqkv.shape
+        r = slots - 2  # query heads per KV group
         scale = jnp.asarray(1.0 / math.sqrt(hd), x.dtype)
         if query_index is None:
             # one [d, (h + 2 kv) * hd] matmul instead of three: larger matmuls run closer to peak
-            wqkv = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1)
-            qkv = jnp.einsum("btd,dhk->bthk", x, wqkv)
-            qk = rope.apply(qkv[:, :, :h + kv])  # queries and keys rotated in one pass
-            q, k, v = qk[:, :, :h] * scale, qk[:, :, h:], qkv[:, :, h + kv:]
+            qkv = jnp.einsum("btd,dgjk->btgjk", x, self.wqkv[...])
+            # queries and keys rotated in one pass
+            qk = rope.apply(qkv[:, :, :, :r + 1].reshape(b, t, g * (r + 1), hd)).reshape(b, t, g, r + 1, hd)
+            q = (qk[:, :, :, :r] * scale).reshape(b, t, g * r, hd)
+            k, v = qk[:, :, :, r], qkv[:, :, :, r + 1]
         else:
             # keys and values at every position, queries only where the output is read
-            kv_proj = jnp.einsum("btd,dhk->bthk", x, jnp.concatenate([self.wk[...], self.wv[...]], axis=1))
-            k, v = rope.apply(kv_proj[:, :, :kv]), kv_proj[:, :, kv:]
+            kv_proj = jnp.einsum("btd,dgjk->btgjk", x, self.wqkv[:, :, r:])
+            k, v = rope.apply(kv_proj[:, :, :, 0]), kv_proj[:, :, :, 1]
             x_query = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
-            q = rope.take(query_index).apply(jnp.einsum("btd,dhk->bthk", x_query, self.wq[...])) * scale
+            q = jnp.einsum("btd,dgjk->btgjk", x_query, self.wqkv[:, :, :r]).reshape(b, -1, g * r, hd)
+            q = rope.take(query_index).apply(q) * scale
         out = causal_attention(q, k, v, valid, prefix, query_index)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), (k, v)
 
@@ -283,14 +287,12 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
-        self.w_gate = _normal(rngs, (cfg.d_model, cfg.d_ff), dtype)
-        self.w_up = _normal(rngs, (cfg.d_model, cfg.d_ff), dtype)
+        self.w_gate_up = _normal(rngs, (cfg.d_model, 2, cfg.d_ff), dtype)  # [:, 0] gate, [:, 1] up
         self.w_down = _normal(rngs, (cfg.d_ff, cfg.d_model), dtype)
 
     def __call__(self, x):
-        f = self.w_gate.shape[1]
-        gate_up = x @ jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1)  # one matmul, not two
-        return (jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ self.w_down[...]
+        gate_up = jnp.einsum("...d,dcf->...cf", x, self.w_gate_up[...])  # one matmul, not two
+        return (jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]) @ self.w_down[...]
 
 
 class Block(nnx.Module):

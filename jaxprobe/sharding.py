@@ -28,6 +28,8 @@ class ShardingRules:
         ("embed", None),
         ("layer", None),
         ("head_dim", None),
+        ("qkv", None),
+        ("gate_up", None),
         ("seq", None),
     )
 

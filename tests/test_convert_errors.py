@@ -40,7 +40,7 @@ def test_unknown_key_is_refused(hf_folder, tmp_path):
 
 def test_missing_key_is_refused(hf_folder, tmp_path):
     _edit_tensors(hf_folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(UserError, match=r"missing tensor blocks.mlp.w_up for layer 1"):
+    with pytest.raises(UserError, match=r"missing tensor model.layers.1.mlp.up_proj.weight in "):
         convert(hf_folder, tmp_path / "out", progress=False)
 
 
@@ -81,3 +81,27 @@ def test_info_reports_the_checkpoint(hf_folder, tmp_path, capsys):
     assert "n_kv_heads   2" in out and "parameters:" in out
     with pytest.raises(UserError, match="already holds a checkpoint"):
         convert(hf_folder, tmp_path / "ckpt", progress=False)
+
+
+def test_checkpoint_in_an_older_parameter_layout(hf_folder, tmp_path, monkeypatch, capsys):
+    """A checkpoint from before the fused layout is refused by name; an automatic conversion of a
+    source (what load_model keeps in checkpoints/ or the cache) is simply made again."""
+    import numpy as np
+
+    import jaxprobe
+    from jaxprobe import runtime
+    from jaxprobe.checkpoint import PARAM_LAYOUT, StaleCheckpoint
+
+    auto = tmp_path / "auto"
+    monkeypatch.setattr(runtime, "_converted_path", lambda src, dtype: auto)
+    fresh = jaxprobe.load_model(hf_folder).activations(["a charming film"])
+    source = json.loads((auto / "source.json").read_text())
+    assert source["param_layout"] == PARAM_LAYOUT
+    del source["param_layout"]  # as written before the layout was recorded
+    (auto / "source.json").write_text(json.dumps(source))
+    with pytest.raises(StaleCheckpoint, match=rf"holds parameter layout 1, .* convert again \(jaxprobe convert {hf_folder}"):
+        jaxprobe.load_model(auto)
+    capsys.readouterr()
+    again = jaxprobe.load_model(hf_folder).activations(["a charming film"])
+    assert "converting" in capsys.readouterr().out
+    np.testing.assert_array_equal(again, fresh)

@@ -27,10 +27,10 @@ def test_eight_devices_are_visible():
 def test_sharded_equals_single_device(sharded_ckpt, mesh_shape):
     ref = _run(jaxprobe.load_model(sharded_ckpt, mesh_shape=(8, 1)), one_device=True)
     lm = jaxprobe.load_model(sharded_ckpt, mesh_shape=mesh_shape)
-    wq = lm.state["blocks"]["attn"]["wq"][...]
-    if mesh_shape[1] > 1:  # weights restored straight into their sharded layout
-        assert wq.sharding.spec[2] == "model"
-        assert len(wq.addressable_shards) == 8 and wq.addressable_shards[0].data.shape[2] == 8 // mesh_shape[1]
+    wqkv = lm.state["blocks"]["attn"]["wqkv"][...]  # [layer, embed, kv_heads, qkv, head_dim]
+    if mesh_shape[1] > 1:  # weights restored straight into their sharded layout, by whole KV groups
+        assert wqkv.sharding.spec[2] == "model"
+        assert len(wqkv.addressable_shards) == 8 and wqkv.addressable_shards[0].data.shape[2] == 8 // mesh_shape[1]
     got = _run(lm)
     for key in ref:
         np.testing.assert_allclose(got[key], ref[key], atol=1e-5, rtol=0)
