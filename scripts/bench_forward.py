@@ -8,7 +8,8 @@ IMDB test reviews (their last 200 words, random order), batch 8 and 32. Two comp
               by length, plans batches of at most the batch size for the least padding, and
               computes no logits, nor the last block anywhere but the read position).
 Prints tokens/s (real tokens), the ratios, and GFLOP/s against a measured fp32 matmul peak.
-Same-work pairs the sides batch by batch; realistic pairs whole runs; both report medians.
+Same-work pairs the sides batch by batch (ratio of the median totals); realistic pairs whole runs
+(ratio: the median of the per-pair ratios, which cancels drift slower than a pair); tok/s are medians.
 Run: .venv/bin/python scripts/bench_forward.py [--n 64] [--reps 3] [--threads 2]
 """
 
@@ -106,13 +107,15 @@ def main():
         t = time.perf_counter(); r = fn(*a, **k); return time.perf_counter() - t, r
 
     def paired(fa, fb, reps):
-        """Alternate the two sides `reps` times and keep each side's median: this shared CPU's
-        speed drifts by +-20% over minutes, and alternating exposes both sides to the same drift."""
+        """Alternate the two sides `reps` times (which goes first alternating too) and return each
+        side's median time and the median of the per-pair time ratios b / a: this shared CPU's
+        speed drifts by +-20% over minutes, and a pair's two runs see nearly the same drift."""
         ta, tb = [], []
-        for _ in range(reps):
-            t, ra = timed(fa); ta.append(t)
-            t, rb = timed(fb); tb.append(t)
-        return float(np.median(ta)), float(np.median(tb)), ra, rb
+        for r in range(reps):
+            for fn, times in [(fa, ta), (fb, tb)][:: -1 if r % 2 else 1]:
+                times.append(timed(fn)[0])
+        ratios = np.array(tb) / np.array(ta)
+        return float(np.median(ta)), float(np.median(tb)), float(np.median(ratios))
 
     def paired_per_batch(batches, reps):
         """Same-work timing, paired at the finest grain: each batch runs on both sides back to
@@ -139,17 +142,19 @@ def main():
         err = max(np.abs(x[:, :-1] - y[:, :-1]).max() / np.abs(y[:, :-1]).max() for x, y in zip(a, b))
         same_flops = sum(forward_flops(lm.config, 1, max(len(ids[i]) for i in bb)) * len(bb) for bb in batches)
         rows.append(("same-work", bs, n_tokens / t_jax, n_tokens / t_hf, same_flops / t_jax / 1e9,
-                     same_flops / t_hf / 1e9, f"padding {padded_tokens / n_tokens - 1:.0%}, max rel diff {err:.1e}, {library} matmuls"))
+                     same_flops / t_hf / 1e9, f"padding {padded_tokens / n_tokens - 1:.0%}, max rel diff {err:.1e}, {library} matmuls",
+                     t_hf / t_jax))
 
         # realistic: HF in dataset order with pad-to-longest; jaxprobe's own batching (after one warm-up run,
         # as the persistent compilation cache gives every later run)
         hf_default = [np.arange(s, min(s + bs, len(ids))) for s in range(0, len(ids), bs)]
         t_first, _ = timed(lm.activations, texts, batch_size=bs)
-        t_jax, t_hf, _, _ = paired(lambda: lm.activations(texts, batch_size=bs), lambda: hf_batches(hf_default),
-                                   args.reps)
+        t_jax, t_hf, ratio = paired(lambda: lm.activations(texts, batch_size=bs), lambda: hf_batches(hf_default),
+                                    args.reps)
         useful = sum(forward_flops(lm.config, 1, len(r)) for r in ids)
         rows.append(("realistic", bs, n_tokens / t_jax, n_tokens / t_hf, useful / t_jax / 1e9, useful / t_hf / 1e9,
-                     f"jaxprobe first run incl. compile {n_tokens / t_first:.0f} tok/s"))
+                     f"ratio of medians {t_hf / t_jax:.2f}x; jaxprobe first run incl. compile "
+                     f"{n_tokens / t_first:.0f} tok/s", ratio))
 
     # the peak: the best 2048^2 matmul of any library, measured before and after the comparisons
     rates_after = matmul_rates()
@@ -159,8 +164,8 @@ def main():
           f"{peak:.0f} GFLOP/s")
     print(f"\n{'comparison':10s} {'batch':>5s} {'jaxprobe tok/s':>15s} {'HF tok/s':>9s} {'ratio':>6s} "
           f"{'jax GFLOP/s':>11s} {'% peak':>6s} {'HF GFLOP/s':>10s}  notes")
-    for name, bs, tj, th, gj, gh, note in rows:
-        print(f"{name:10s} {bs:5d} {tj:15.0f} {th:9.0f} {tj / th:5.2f}x {gj:11.0f} {gj / peak:6.0%} {gh:10.0f}  {note}")
+    for name, bs, tj, th, gj, gh, note, ratio in rows:
+        print(f"{name:10s} {bs:5d} {tj:15.0f} {th:9.0f} {ratio:5.2f}x {gj:11.0f} {gj / peak:6.0%} {gh:10.0f}  {note}")
 
 
 if __name__ == "__main__":
