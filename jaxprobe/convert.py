@@ -193,14 +193,15 @@ def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, .
         if path[-1] == "w_gate_up":  # [d_ff, d] -> [d, d_ff], into row 0 (gate) or 1 (up)
             _check_shape(name, w, (cfg.d_ff, d))
             return path, (layer, slice(None), 0 if part == "mlp.gate_proj" else 1), w.T
+    index = None if layer is None else (layer,)
     if len(want) == 1 or path == ("embed", "weight"):  # norms, embeddings: stored as we store them
         _check_shape(name, w, want)
-        return path, (None if layer is None else (layer,)), w
+        return path, index, w
     if path[-1] == "wo":  # [d, heads*hd] -> [heads, hd, d]
         _check_shape(name, w, (cfg.d_model, cfg.n_heads * cfg.head_dim))
-        return path, (layer,), w.T.reshape(want)
+        return path, index, w.T.reshape(want)
     _check_shape(name, w, want[::-1])  # plain linear: torch [out, in] -> ours [in, out]
-    return path, (None if layer is None else (layer,)), w.T
+    return path, index, w.T
 
 
 def _check_shape(name, w, shape):

@@ -446,8 +446,8 @@ def load_model(src: str | os.PathLike = "smollm2-135m", *, dtype: str = "float32
     else:
         path = _converted_path(src, "float32")
         name = DEFAULT_MODEL if src.lower() in (DEFAULT_MODEL, "smollm2", "default") else Path(src).stem
-        stale = checkpoint.is_checkpoint(path) and checkpoint.param_layout(path) != checkpoint.PARAM_LAYOUT
-        if stale or not checkpoint.is_checkpoint(path):
+        current = checkpoint.is_checkpoint(path) and checkpoint.param_layout(path) == checkpoint.PARAM_LAYOUT
+        if not current:
             if path.exists():  # a conversion killed half-way, or one in an older layout: start again
                 import shutil
 
