@@ -713,7 +713,9 @@ def _add_run_arguments(g, d) -> None:
                    help="model dtype; float32 is faster on CPUs without bf16 units (default: %(default)s)")
     g.add_argument("--positions", default=d.positions, choices=["last", "mean"],
                    help="read the last real token or the mean over real tokens (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="texts per forward pass at the longest texts; shorter ones share batches of up to "
+                        "as many tokens (default: %(default)s)")
     g.add_argument("--shard-size", type=int, default=d.shard_size,
                    help="examples per store shard: the unit of resumption (default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

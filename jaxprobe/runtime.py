@@ -120,11 +120,24 @@ def bucket_length(n: int) -> int:
 BATCH_OVERHEAD_TOKENS = 128
 
 
+# A batch of texts shorter than the run's longest may hold more than batch_size rows: as many as
+# fit in the tokens of batch_size rows at the longest text's bucketed length, or in
+# MIN_BATCH_TOKENS, whichever is more (with a shared prefix, every row counts it too), and at most
+# MAX_ROWS_FACTOR x batch_size. Short texts then run in larger matmuls and fewer batches pay the
+# fixed cost: SST-2 validation (24 tokens a sentence) at batch size 8 runs in 21 batches instead of
+# 109, 1.33x faster (median of 4 alternating pairs), activations within 1e-7 of their norm.
+# 2,048 tokens is far below what a batch of long texts needs, for any model this runs.
+MAX_ROWS_FACTOR = 8
+MIN_BATCH_TOKENS = 2048
+
+
 def batch_row_counts(batch_size: int, multiple: int = 1) -> list[int]:
-    """The row counts a batch may have: batch_size and its halves (a few compiled shapes, not one
-    per remainder), each rounded up to a multiple of the data axis."""
-    counts = {-(-max(1, batch_size >> k) // multiple) * multiple for k in range(batch_size.bit_length())}
-    return sorted(counts)
+    """The row counts a batch may have: batch_size, its halves and its doublings up to
+    MAX_ROWS_FACTOR x batch_size (a few compiled shapes, not one per remainder), each rounded up
+    to a multiple of the data axis."""
+    counts = {max(1, batch_size >> k) for k in range(batch_size.bit_length())}
+    counts |= {batch_size << k for k in range(1, MAX_ROWS_FACTOR.bit_length())}
+    return sorted({-(-c // multiple) * multiple for c in counts})
 
 
 def padded_rows(n_texts: int, batch_size: int, multiple: int = 1) -> int:
@@ -132,29 +145,39 @@ def padded_rows(n_texts: int, batch_size: int, multiple: int = 1) -> int:
     return min(c for c in batch_row_counts(batch_size, multiple) if c >= n_texts)
 
 
-def plan_batches(lengths: Sequence[int], batch_size: int, multiple: int = 1,
+def plan_batches(lengths: Sequence[int], batch_size: int, multiple: int = 1, prefix_length: int = 0,
                  overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
-    """Split texts (by token count) into batches of at most batch_size rows, longest first, with
-    the least padded work: cuts between length-sorted texts are chosen by dynamic programming to
-    minimise the sum over batches of overhead_tokens + rows * bucket_length(longest). A batch's
-    rows are one of `batch_row_counts`, so unused rows count as padding too. Returns lists of
+    """Split texts (by token count) into batches, longest first, with the least padded work: cuts
+    between length-sorted texts are chosen by dynamic programming to minimise the sum over batches
+    of overhead_tokens + rows * bucket_length(longest). A batch's rows are one of
+    `batch_row_counts`, so unused rows count as padding too. A batch holds at most batch_size
+    texts, or more while rows * (its length + prefix_length) stays within the token budget (see
+    `MIN_BATCH_TOKENS`), so no batch needs much more memory than the first. Returns lists of
     indices into `lengths`."""
     lengths = [int(n) for n in lengths]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows_for = [0] + [padded_rows(k, batch_size, multiple) for k in range(1, batch_size + 1)]
     n = len(order)
-    best = [0.0] + [float("inf")] * n   # best[j]: least cost of the first j sorted texts
-    cut = [0] * (n + 1)
+    if n == 0:
+        return []
+    counts = batch_row_counts(batch_size, multiple)
+    plain_rows = padded_rows(batch_size, batch_size, multiple)  # batch_size rows, as the data axis pads them
+    rows_for = np.array([0] + [min(c for c in counts if c >= k) for k in range(1, counts[-1] + 1)])
+    padded_length = np.array([bucket_length(lengths[i]) for i in order])
+    budget = max(batch_size * (padded_length[0] + prefix_length), MIN_BATCH_TOKENS)
+    best = np.zeros(n + 1)  # best[j]: least cost of the first j sorted texts
+    cut = np.zeros(n + 1, dtype=int)
     for j in range(1, n + 1):
-        for k in range(1, min(batch_size, j) + 1):
-            i = j - k  # the batch is sorted texts i..j-1; the longest is text i
-            cost = best[i] + overhead_tokens + rows_for[k] * bucket_length(lengths[order[i]])
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
+        k = np.arange(1, min(counts[-1], j) + 1)
+        i = j - k  # the batch of sorted texts i..j-1, whose longest is text i
+        rows, length = rows_for[k], padded_length[i]
+        fits = (rows <= plain_rows) | (rows * (length + prefix_length) <= budget)
+        cost = np.where(fits, best[i] + overhead_tokens + rows * length, np.inf)
+        m = int(np.argmin(cost))  # among equal costs, the fewest texts
+        best[j], cut[j] = cost[m], i[m]
     batches, j = [], n
     while j > 0:
         batches.append(order[cut[j]:j])
-        j = cut[j]
+        j = int(cut[j])
     return batches[::-1]
 
 
@@ -333,7 +356,7 @@ class LanguageModel:
         cache = self.prefix_cache(prefix) if prefix else None
         data_size = self.mesh.shape["data"]
         # longest first: a batch too large for memory fails at once, not at the end
-        batches = plan_batches([len(r) for r in suffixes], batch_size, data_size)
+        batches = plan_batches([len(r) for r in suffixes], batch_size, data_size, len(prefix))
         shapes = [(padded_rows(len(rows), batch_size, data_size), bucket_length(max(len(suffixes[i]) for i in rows)))
                   for rows in batches]
         shape_flops: dict[tuple[int, int], float] = {}

@@ -1,6 +1,7 @@
-"""How lm.run splits texts into batches: every text once, at most batch_size rows, longest first,
-and never more padded work than fixed-size batches of the length-sorted texts; and how it picks
-each batch shape's CPU matmul library from the work planned for it."""
+"""How lm.run splits texts into batches: every text once, longest first, batch_size rows at the
+longest texts and no more tokens than that (or MIN_BATCH_TOKENS) in a batch of shorter ones, and
+never more padded work than fixed-size batches of the length-sorted texts; and how it picks each
+batch shape's CPU matmul library from the work planned for it."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import pytest
 from jaxprobe import runtime
 from jaxprobe.errors import UserError
 from jaxprobe.model import LlamaConfig
-from jaxprobe.runtime import BATCH_OVERHEAD_TOKENS, batch_row_counts, bucket_length, padded_rows, plan_batches
+from jaxprobe.runtime import (BATCH_OVERHEAD_TOKENS, MAX_ROWS_FACTOR, MIN_BATCH_TOKENS, batch_row_counts,
+                              bucket_length, padded_rows, plan_batches)
 
 
 def planned_cost(lengths, batches, batch_size, multiple=1):
@@ -17,11 +19,15 @@ def planned_cost(lengths, batches, batch_size, multiple=1):
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8, 32])
-def test_plan_covers_every_text_once_within_the_batch_size(batch_size):
+def test_plan_covers_every_text_once_within_the_token_budget(batch_size):
     lengths = list(np.random.default_rng(batch_size).integers(1, 400, size=97))
     batches = plan_batches(lengths, batch_size)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    assert all(1 <= len(b) <= batch_size for b in batches)
+    budget = max(batch_size * bucket_length(max(lengths)), MIN_BATCH_TOKENS)
+    for b in batches:
+        rows = padded_rows(len(b), batch_size)
+        assert 1 <= len(b) <= MAX_ROWS_FACTOR * batch_size
+        assert len(b) <= batch_size or rows * bucket_length(lengths[b[0]]) <= budget
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(flat, reverse=True)  # longest first: memory trouble shows at once
     fixed = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -36,11 +42,29 @@ def test_a_long_outlier_is_not_padded_into_a_batch_of_short_texts():
     assert sorted(len(b) for b in batches) == [1, 15]
 
 
-def test_row_counts_are_halvings_rounded_to_the_data_axis():
-    assert batch_row_counts(32) == [1, 2, 4, 8, 16, 32]
-    assert batch_row_counts(8, 4) == [4, 8]
-    assert batch_row_counts(6, 4) == [4, 8]
-    assert [padded_rows(k, 8) for k in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+def test_short_texts_share_batches_up_to_the_longest_texts_tokens():
+    lengths = [300] * 8 + [30] * 100  # 8 x 320 padded tokens: 64 rows of 32 fit (80 would)
+    batches = plan_batches(lengths, 8)
+    assert [len(b) for b in batches] == [8, 64, 32, 4]  # 36 left: 32 + 4 rows pad less than 64
+
+
+def test_short_texts_alone_share_batches_up_to_the_floor():
+    batches = plan_batches([20] * 200, 8)  # 8 x 24 tokens is tiny: the floor lets 64 rows run at once
+    assert [len(b) for b in batches] == [64, 64, 64, 8]
+    assert 64 * bucket_length(20) <= MIN_BATCH_TOKENS
+
+
+def test_a_shared_prefix_counts_in_every_rows_tokens():
+    # with 466 prefix tokens a row of 24 costs 490: batch_size rows of the longest are the budget
+    batches = plan_batches([20] * 200, 8, prefix_length=466)
+    assert all(len(b) <= 8 for b in batches)
+
+
+def test_row_counts_are_halvings_and_doublings_rounded_to_the_data_axis():
+    assert batch_row_counts(32) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert batch_row_counts(8, 4) == [4, 8, 16, 32, 64]
+    assert batch_row_counts(6, 4) == [4, 8, 12, 24, 48]
+    assert [padded_rows(k, 8) for k in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
     assert plan_batches([], 8) == []
 
 

@@ -538,7 +538,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAUL
                         "so every model sees the same rows; checked against the data")
     r = parser.add_argument_group("running")
     r.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="prompts per forward pass (default: %(default)s)")
+                   help="prompts per forward pass at the longest prompts; shorter ones share batches of up to "
+                        "as many tokens (default: %(default)s)")
     r.add_argument("--shard-size", type=int, default=d.shard_size,
                    help="prompts per saved shard: the unit a killed run resumes from (default: %(default)s)")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help="(default: %(default)s)")
