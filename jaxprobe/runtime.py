@@ -151,9 +151,9 @@ def plan_batches(lengths: Sequence[int], batch_size: int, multiple: int = 1, pre
     between length-sorted texts are chosen by dynamic programming to minimise the sum over batches
     of overhead_tokens + rows * bucket_length(longest). A batch's rows are one of
     `batch_row_counts`, so unused rows count as padding too. A batch holds at most batch_size
-    texts, or more while rows * (its length + prefix_length) stays within the token budget (see
-    `MIN_BATCH_TOKENS`), so no batch needs much more memory than the first. Returns lists of
-    indices into `lengths`."""
+    texts (rounded up to the data axis), or more while rows * (its length + prefix_length) stays
+    within the token budget (see `MIN_BATCH_TOKENS`), so no batch needs much more memory than the
+    first. Returns lists of indices into `lengths`."""
     lengths = [int(n) for n in lengths]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)

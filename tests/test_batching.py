@@ -87,3 +87,26 @@ def test_forward_flops_counts_weights_and_causal_attention():
     weights = 4 * 2 * (2 * 2 + 2 * 1) + 3 * 4 * 8  # q, o: 2 heads; k, v: 1 head; gate, up, down
     attention = 2 * 2 * 2 * 3 * 4 / 2               # 3 tokens see 1 + 2 + 3 keys
     assert runtime.forward_flops(cfg, 5, 3) == 2 * 5 * (2 * weights * 3 + 2 * attention)
+
+
+def test_larger_batches_of_short_texts_give_each_texts_own_numbers(tiny_ckpt, monkeypatch):
+    import jax
+    from flax import nnx
+
+    import jaxprobe
+
+    loaded = jaxprobe.load_model(tiny_ckpt)  # on one device, so that batch_size 1 means one text a batch
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=jax.devices()[:1])
+    model = nnx.merge(loaded.graphdef, jax.device_put(loaded.state, jax.devices()[0]))
+    lm = runtime.LanguageModel(model, loaded.tokenizer, name=loaded.name, mesh=mesh)
+    texts = [f"review {i}: " + "good " * (i % 7) for i in range(40)] + ["a much longer review " * 12]
+    lengths = [len(r) for r in lm.tokenize(texts)]
+    assert max(len(b) for b in plan_batches(lengths, 2)) == 16  # short texts share batches beyond batch_size
+    together = lm.run(texts, all_logits=True, batch_size=2)
+    monkeypatch.setattr(runtime, "MAX_ROWS_FACTOR", 1)
+    monkeypatch.setattr(runtime, "MIN_BATCH_TOKENS", 0)
+    assert max(len(b) for b in plan_batches(lengths, 1)) == 1
+    alone = lm.run(texts, all_logits=True, batch_size=1)
+    for key in ("activations", "logits"):
+        np.testing.assert_allclose(together[key], alone[key], atol=1e-5, rtol=0)
