@@ -5,8 +5,9 @@ IMDB test reviews (their last 200 words, random order), batch 8 and 32. Two comp
   same-work:  identical pre-padded batches (random order, padded to the batch's longest) on both sides;
   realistic:  each side batches the way it does by default (HF: dataset order, pad to longest,
               output_hidden_states=True on the base model; jaxprobe: lm.activations, which sorts
-              by length, plans batches of at most the batch size for the least padding, and
-              computes no logits, nor the last block anywhere but the read position).
+              by length, plans batches for the least padding (the batch size in rows at the
+              longest texts, more rows of shorter ones within the same tokens), and computes no
+              logits, nor the last block anywhere but the read position).
 Prints tokens/s (real tokens), the ratios, and GFLOP/s against a measured fp32 matmul peak.
 Same-work pairs the sides batch by batch (ratio of the median totals); realistic pairs whole runs
 (ratio: the median of the per-pair ratios, which cancels drift slower than a pair); tok/s are medians.
