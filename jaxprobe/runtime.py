@@ -115,8 +115,9 @@ def bucket_length(n: int) -> int:
 
 
 # What one more batch costs beyond its tokens, in tokens: a forward pass copies every layer's
-# weights out of the stacked arrays once whatever the batch (for SmolLM2 on the reference CPU about
-# 0.1 s before the weights were stored fused, about 0.07 s since; not re-tuned since).
+# weights out of the stacked arrays once whatever the batch, and oneDNN also reorders each weight
+# on every call. For SmolLM2 on the reference CPU a fit over 11 batch shapes gives 87 ms (Eigen)
+# to 133 ms (oneDNN) a batch at 0.90 ms a token: 96-147 tokens' worth.
 BATCH_OVERHEAD_TOKENS = 128
 
 
@@ -161,7 +162,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, multiple: int = 1, pre
         return []
     counts = batch_row_counts(batch_size, multiple)
     plain_rows = padded_rows(batch_size, batch_size, multiple)  # batch_size rows, as the data axis pads them
-    rows_for = np.array([0] + [min(c for c in counts if c >= k) for k in range(1, counts[-1] + 1)])
+    rows_for = np.array([0] + [padded_rows(k, batch_size, multiple) for k in range(1, counts[-1] + 1)])
     padded_length = np.array([bucket_length(lengths[i]) for i in order])
     budget = max(batch_size * (padded_length[0] + prefix_length), MIN_BATCH_TOKENS)
     best = np.zeros(n + 1)  # best[j]: least cost of the first j sorted texts
