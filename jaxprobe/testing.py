@@ -60,3 +60,17 @@ def tiny_checkpoint(path, *, seed: int = 0, **config) -> Path:
     tiny_tokenizer(cfg.vocab_size).save_pretrained(path / "tokenizer")
     save_checkpoint(path, cfg, params, source={"kind": "random", "seed": seed, "dtype": "float32"})
     return path
+
+
+def on_one_device(lm):
+    """The same loaded model on a 1 x 1 mesh of the first device (a reference that ignores the
+    visible device count: with 8 host devices the default mesh pads every batch to 8 rows)."""
+    import jax
+    from flax import nnx
+
+    from jaxprobe.runtime import LanguageModel
+
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=jax.devices()[:1])
+    model = nnx.merge(lm.graphdef, jax.device_put(lm.state, jax.devices()[0]))
+    return LanguageModel(model, lm.tokenizer, name=lm.name, mesh=mesh)

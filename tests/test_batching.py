@@ -90,16 +90,10 @@ def test_forward_flops_counts_weights_and_causal_attention():
 
 
 def test_larger_batches_of_short_texts_give_each_texts_own_numbers(tiny_ckpt, monkeypatch):
-    import jax
-    from flax import nnx
-
     import jaxprobe
+    from jaxprobe.testing import on_one_device
 
-    loaded = jaxprobe.load_model(tiny_ckpt)  # on one device, so that batch_size 1 means one text a batch
-    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                         devices=jax.devices()[:1])
-    model = nnx.merge(loaded.graphdef, jax.device_put(loaded.state, jax.devices()[0]))
-    lm = runtime.LanguageModel(model, loaded.tokenizer, name=loaded.name, mesh=mesh)
+    lm = on_one_device(jaxprobe.load_model(tiny_ckpt))  # so that batch_size 1 means one text a batch
     texts = [f"review {i}: " + "good " * (i % 7) for i in range(40)] + ["a much longer review " * 12]
     lengths = [len(r) for r in lm.tokenize(texts)]
     assert max(len(b) for b in plan_batches(lengths, 2)) == 16  # short texts share batches beyond batch_size

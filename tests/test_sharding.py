@@ -38,13 +38,9 @@ def test_sharded_equals_single_device(sharded_ckpt, mesh_shape):
 
 def _run(lm, one_device=False):
     if one_device:  # the reference: a 1x1 mesh on the first device
-        from jaxprobe.runtime import LanguageModel
-        from flax import nnx
+        from jaxprobe.testing import on_one_device
 
-        mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                             devices=jax.devices()[:1])
-        state = jax.device_put(lm.state, jax.devices()[0])
-        lm = LanguageModel(nnx.merge(lm.graphdef, state), lm.tokenizer, name=lm.name, mesh=mesh)
+        lm = on_one_device(lm)
     return lm.run(TEXTS, all_logits=True, batch_size=8, prefix_tokens=None)
 
 
