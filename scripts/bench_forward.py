@@ -45,7 +45,7 @@ class MatmulPeak:
 
         from jaxprobe.runtime import CPU_MATMUL_OPTIONS
 
-        self.flops = 2 * n**3
+        self.n, self.flops = n, 2 * n**3
         a = jnp.ones((n, n), jnp.float32)
         ta = torch.ones((n, n))
         self.sides = {"torch": lambda: ta @ ta}
@@ -75,7 +75,7 @@ class MatmulPeak:
 
     def describe(self):
         per = ", ".join(f"{k} {max(v):.0f} / {np.median(v):.0f}" for k, v in self.rates.items())
-        return (f"fp32 2048^2 matmul, best / median of {len(self.rates['torch'])} samples each: {per}\n"
+        return (f"fp32 {self.n}^2 matmul, best / median of {len(self.rates['torch'])} samples each: {per}\n"
                 f"peak: best {self.best:.0f} GFLOP/s, sustained {self.sustained:.0f} GFLOP/s")
 
 
