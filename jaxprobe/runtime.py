@@ -120,6 +120,19 @@ def bucket_length(n: int) -> int:
 # to 133 ms (oneDNN) a batch at 0.90 ms a token: 96-147 tokens' worth.
 BATCH_OVERHEAD_TOKENS = 128
 
+# What one more batch shape costs a run beyond its batches: a program to trace, lower and load from
+# XLA's disk cache (0.15-0.5 s a shape for SmolLM2 here) or, the first time, to compile (about 2.2
+# s). The planner counts the low end, 0.15 s of forward work at about 200 GFLOP/s, in FLOPs so
+# that it weighs little against a large model's tokens: about 140 tokens of SmolLM2, 1 of a 13B
+# model. Twice that also merged batches of different lengths and ran the warm forward benchmark's
+# batch-8 job 3-5% slower (two runs of 5 and 8 alternating pairs); this much ran it as fast.
+SHAPE_OVERHEAD_FLOPS = 3e10
+
+
+def shape_overhead_tokens(cfg: LlamaConfig) -> float:
+    """`SHAPE_OVERHEAD_FLOPS` in tokens of this model's forward pass."""
+    return SHAPE_OVERHEAD_FLOPS / forward_flops(cfg, 1, 1)
+
 
 # A batch of texts shorter than the run's longest may hold more than batch_size rows: as many as
 # fit in the tokens of batch_size rows at the longest text's bucketed length, or in
@@ -147,14 +160,16 @@ def padded_rows(n_texts: int, batch_size: int, multiple: int = 1) -> int:
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, multiple: int = 1, prefix_length: int = 0,
-                 overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
+                 overhead_tokens: float = BATCH_OVERHEAD_TOKENS, shape_tokens: float = 0.0) -> list[list[int]]:
     """Split texts (by token count) into batches, longest first, with the least padded work: cuts
     between length-sorted texts are chosen by dynamic programming to minimise the sum over batches
-    of overhead_tokens + rows * bucket_length(longest). A batch's rows are one of
-    `batch_row_counts`, so unused rows count as padding too. A batch holds at most batch_size
-    texts (rounded up to the data axis), or more while rows * (its length + prefix_length) stays
-    within the token budget (see `MIN_BATCH_TOKENS`), so no batch needs much more memory than the
-    first. Returns lists of indices into `lengths`."""
+    of overhead_tokens + rows * bucket_length(longest), plus shape_tokens for every batch whose
+    shape (rows, length) differs from the batch before it (a program to trace and load or compile;
+    see `SHAPE_OVERHEAD_FLOPS`). A batch's rows are one of `batch_row_counts`, so unused rows count
+    as padding too. A batch holds at most batch_size texts (rounded up to the data axis), or more
+    while rows * (its length + prefix_length) stays within the token budget (see
+    `MIN_BATCH_TOKENS`), so no batch needs much more memory than the first. Returns lists of
+    indices into `lengths`."""
     lengths = [int(n) for n in lengths]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
@@ -163,22 +178,42 @@ def plan_batches(lengths: Sequence[int], batch_size: int, multiple: int = 1, pre
     counts = batch_row_counts(batch_size, multiple)
     plain_rows = padded_rows(batch_size, batch_size, multiple)  # batch_size rows, as the data axis pads them
     rows_for = np.array([0] + [padded_rows(k, batch_size, multiple) for k in range(1, counts[-1] + 1)])
-    padded_length = np.array([bucket_length(lengths[i]) for i in order])
+    count_index = np.searchsorted(counts, rows_for)  # which of `counts` k texts are padded to
+    padded_length = np.array([bucket_length(lengths[i]) for i in order] + [0])
     budget = max(batch_size * (padded_length[0] + prefix_length), MIN_BATCH_TOKENS)
-    best = np.zeros(n + 1)  # best[j]: least cost of the first j sorted texts
+    # best[j]: least cost of the first j sorted texts, cut[j] where its last batch starts and
+    # new[j] whether that batch's shape was new. best_same[j, c]: the same, among plans whose last
+    # batch has counts[c] rows and the length of text j's bucket, so a batch starting at text j
+    # can have its shape for free (lengths are sorted: a shape can only recur in a row).
+    best = np.zeros(n + 1)
     cut = np.zeros(n + 1, dtype=int)
+    new = np.ones(n + 1, dtype=bool)
+    best_same = np.full((n + 1, len(counts)), np.inf)
+    cut_same = np.zeros((n + 1, len(counts)), dtype=int)
+    new_same = np.ones((n + 1, len(counts)), dtype=bool)
     for j in range(1, n + 1):
         k = np.arange(1, min(counts[-1], j) + 1)
         i = j - k  # the batch of sorted texts i..j-1, whose longest is text i
-        rows, length = rows_for[k], padded_length[i]
+        rows, length, c = rows_for[k], padded_length[i], count_index[k]
         fits = (rows <= plain_rows) | (rows * (length + prefix_length) <= budget)
-        cost = np.where(fits, best[i] + overhead_tokens + rows * length, np.inf)
+        as_new, as_same = best[i] + shape_tokens, best_same[i, c]
+        is_new = as_new <= as_same
+        cost = np.where(fits, np.minimum(as_new, as_same) + overhead_tokens + rows * length, np.inf)
         m = int(np.argmin(cost))  # among equal costs, the fewest texts
-        best[j], cut[j] = cost[m], i[m]
-    batches, j = [], n
+        best[j], cut[j], new[j] = cost[m], i[m], is_new[m]
+        # the cheapest plan per row count among those whose last batch the next text's may repeat
+        match = np.flatnonzero((length == padded_length[j]) & fits)
+        if match.size:
+            match = match[np.argsort(cost[match], kind="stable")]
+            c_match, first = np.unique(c[match], return_index=True)
+            win = match[first]
+            best_same[j, c_match], cut_same[j, c_match], new_same[j, c_match] = cost[win], i[win], is_new[win]
+    batches, j, same = [], n, None  # same: the row-count index the batch ending at j must have
     while j > 0:
-        batches.append(order[cut[j]:j])
-        j = int(cut[j])
+        i, is_new = (cut[j], new[j]) if same is None else (cut_same[j, same], new_same[j, same])
+        batches.append(order[i:j])
+        same = None if is_new else int(count_index[j - i])
+        j = int(i)
     return batches[::-1]
 
 
@@ -357,7 +392,8 @@ class LanguageModel:
         cache = self.prefix_cache(prefix) if prefix else None
         data_size = self.mesh.shape["data"]
         # longest first: a batch too large for memory fails at once, not at the end
-        batches = plan_batches([len(r) for r in suffixes], batch_size, data_size, len(prefix))
+        batches = plan_batches([len(r) for r in suffixes], batch_size, data_size, len(prefix),
+                               shape_tokens=shape_overhead_tokens(self.config))
         shapes = [(padded_rows(len(rows), batch_size, data_size), bucket_length(max(len(suffixes[i]) for i in rows)))
                   for rows in batches]
         shape_flops: dict[tuple[int, int], float] = {}

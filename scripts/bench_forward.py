@@ -5,9 +5,9 @@ IMDB test reviews (their last 200 words, random order), batch 8 and 32. Two comp
   same-work:  identical pre-padded batches (random order, padded to the batch's longest) on both sides;
   realistic:  each side batches the way it does by default (HF: dataset order, pad to longest,
               output_hidden_states=True on the base model; jaxprobe: lm.activations, which sorts
-              by length, plans batches for the least padding (the batch size in rows at the
-              longest texts, more rows of shorter ones within the same tokens), and computes no
-              logits, nor the last block anywhere but the read position).
+              by length, plans batches for the least padding and few program shapes (the batch
+              size in rows at the longest texts, more rows of shorter ones within the same tokens),
+              and computes no logits, nor the last block anywhere but the read position).
 Prints tokens/s (real tokens), the ratios, and GFLOP/s against a measured fp32 matmul peak, two
 ways (see MatmulPeak): the median rate of 2048^2 matmuls sampled between the timed runs
 ("sustained", the same minutes as the model's medians) and the fastest single one ("best").
@@ -178,8 +178,9 @@ def main():
                      same_flops / t_hf / 1e9, f"padding {padded_tokens / n_tokens - 1:.0%}, max rel diff {err:.1e}, {library} matmuls",
                      t_hf / t_jax))
 
-        # realistic: HF in dataset order with pad-to-longest; jaxprobe's own batching (after one warm-up run,
-        # as the persistent compilation cache gives every later run)
+        # realistic: HF in dataset order with pad-to-longest; jaxprobe's own batching, timed once its
+        # shapes are compiled in this process (a new process still traces each shape and loads it from
+        # the disk cache, 0.15-0.5 s a shape; the first run's rate, compilation included, is printed)
         hf_default = [np.arange(s, min(s + bs, len(ids))) for s in range(0, len(ids), bs)]
         t_first, _ = timed(lm.activations, texts, batch_size=bs)
         t_jax, t_hf, ratio = paired(lambda: lm.activations(texts, batch_size=bs), lambda: hf_batches(hf_default),

@@ -1,7 +1,10 @@
 """How lm.run splits texts into batches: every text once, longest first, batch_size rows at the
 longest texts and no more tokens than that (or MIN_BATCH_TOKENS) in a batch of shorter ones, and
-never more padded work than fixed-size batches of the length-sorted texts; and how it picks each
-batch shape's CPU matmul library from the work planned for it."""
+never more padded work than fixed-size batches of the length-sorted texts; the cheapest such
+split once each new batch shape costs its compilation; and how it picks each batch shape's CPU
+matmul library from the work planned for it."""
+
+import itertools
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from jaxprobe import runtime
 from jaxprobe.errors import UserError
 from jaxprobe.model import LlamaConfig
 from jaxprobe.runtime import (BATCH_OVERHEAD_TOKENS, MAX_ROWS_FACTOR, MIN_BATCH_TOKENS, batch_row_counts,
-                              bucket_length, padded_rows, plan_batches)
+                              bucket_length, padded_rows, plan_batches, shape_overhead_tokens)
 
 
 def planned_cost(lengths, batches, batch_size, multiple=1):
@@ -58,6 +61,53 @@ def test_a_shared_prefix_counts_in_every_rows_tokens():
     # with 466 prefix tokens a row of 24 costs 490: batch_size rows of the longest are the budget
     batches = plan_batches([20] * 200, 8, prefix_length=466)
     assert all(len(b) <= 8 for b in batches)
+
+
+def cost_with_shapes(lengths, batches, batch_size, shape_tokens):
+    """The planner's objective: padded work, a fixed cost per batch, and shape_tokens for each batch
+    whose (rows, length) differs from the batch before it."""
+    total, previous = 0.0, None
+    for b in batches:
+        shape = (padded_rows(len(b), batch_size), bucket_length(max(lengths[i] for i in b)))
+        total += BATCH_OVERHEAD_TOKENS + shape[0] * shape[1] + (shape_tokens if shape != previous else 0)
+        previous = shape
+    return total
+
+
+def allowed(lengths, batch, batch_size):
+    if len(batch) > MAX_ROWS_FACTOR * batch_size:
+        return False
+    rows = padded_rows(len(batch), batch_size)
+    budget = max(batch_size * bucket_length(max(lengths)), MIN_BATCH_TOKENS)
+    return rows <= batch_size or rows * bucket_length(lengths[batch[0]]) <= budget
+
+
+def test_the_plan_is_the_cheapest_split_counting_each_new_shape():
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        n, batch_size = int(rng.integers(1, 11)), int(rng.choice([1, 2, 3, 4]))
+        pool = rng.choice([10, 30, 60, 100, 120, 150, 250], size=2) if rng.random() < 0.5 else np.arange(1, 260)
+        lengths = [int(x) for x in rng.choice(pool, size=n)]
+        shape_tokens = float(rng.choice([0, 50, 300, 1000]))
+        plan = plan_batches(lengths, batch_size, shape_tokens=shape_tokens)
+        assert sorted(i for b in plan for i in b) == list(range(n))
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        best = np.inf  # every split of the length-sorted texts into consecutive batches
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            edges = [0] + [k + 1 for k, c in enumerate(cuts) if c] + [n]
+            split = [order[a:b] for a, b in zip(edges, edges[1:])]
+            if all(allowed(lengths, b, batch_size) for b in split):
+                best = min(best, cost_with_shapes(lengths, split, batch_size, shape_tokens))
+        assert cost_with_shapes(lengths, plan, batch_size, shape_tokens) == best, (lengths, batch_size, shape_tokens)
+
+
+def test_a_new_batch_shape_costs_its_compilation():
+    lengths = [120] * 5
+    assert [len(b) for b in plan_batches(lengths, 4)] == [4, 1]  # least padding: 4 + 1 rows
+    assert [len(b) for b in plan_batches(lengths, 4, shape_tokens=300)] == [5]  # one program: 8 rows
+    cfg = LlamaConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                      d_ff=1536, tie_embeddings=True)  # SmolLM2-135M: a shape is worth a few hundred tokens
+    assert 100 < shape_overhead_tokens(cfg) < 200
 
 
 def test_row_counts_are_halvings_and_doublings_rounded_to_the_data_axis():
