@@ -16,9 +16,25 @@ from jaxprobe.runtime import (BATCH_OVERHEAD_TOKENS, MAX_ROWS_FACTOR, MIN_BATCH_
                               bucket_length, padded_rows, plan_batches, shape_overhead_tokens)
 
 
-def planned_cost(lengths, batches, batch_size, multiple=1):
-    return sum(BATCH_OVERHEAD_TOKENS + padded_rows(len(b), batch_size, multiple) * bucket_length(lengths[b[0]])
-               for b in batches)
+def planned_cost(lengths, batches, batch_size, multiple=1, shape_tokens=0.0):
+    """The planner's objective: padded work, a fixed cost per batch, and shape_tokens for each batch
+    whose (rows, length) differs from the batch before it."""
+    total, previous = 0.0, None
+    for b in batches:
+        shape = (padded_rows(len(b), batch_size, multiple), bucket_length(max(lengths[i] for i in b)))
+        total += BATCH_OVERHEAD_TOKENS + shape[0] * shape[1] + (shape_tokens if shape != previous else 0)
+        previous = shape
+    return total
+
+
+def allowed(lengths, batch, batch_size):
+    """Whether the planner may run `batch`: at most MAX_ROWS_FACTOR x batch_size texts, and more
+    than batch_size rows only within the token budget of batch_size rows of the longest text."""
+    if len(batch) > MAX_ROWS_FACTOR * batch_size:
+        return False
+    rows = padded_rows(len(batch), batch_size)
+    budget = max(batch_size * bucket_length(max(lengths)), MIN_BATCH_TOKENS)
+    return rows <= batch_size or rows * bucket_length(lengths[batch[0]]) <= budget
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8, 32])
@@ -26,11 +42,8 @@ def test_plan_covers_every_text_once_within_the_token_budget(batch_size):
     lengths = list(np.random.default_rng(batch_size).integers(1, 400, size=97))
     batches = plan_batches(lengths, batch_size)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    budget = max(batch_size * bucket_length(max(lengths)), MIN_BATCH_TOKENS)
     for b in batches:
-        rows = padded_rows(len(b), batch_size)
-        assert 1 <= len(b) <= MAX_ROWS_FACTOR * batch_size
-        assert len(b) <= batch_size or rows * bucket_length(lengths[b[0]]) <= budget
+        assert len(b) >= 1 and allowed(lengths, b, batch_size)
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(flat, reverse=True)  # longest first: memory trouble shows at once
     fixed = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -63,25 +76,6 @@ def test_a_shared_prefix_counts_in_every_rows_tokens():
     assert all(len(b) <= 8 for b in batches)
 
 
-def cost_with_shapes(lengths, batches, batch_size, shape_tokens):
-    """The planner's objective: padded work, a fixed cost per batch, and shape_tokens for each batch
-    whose (rows, length) differs from the batch before it."""
-    total, previous = 0.0, None
-    for b in batches:
-        shape = (padded_rows(len(b), batch_size), bucket_length(max(lengths[i] for i in b)))
-        total += BATCH_OVERHEAD_TOKENS + shape[0] * shape[1] + (shape_tokens if shape != previous else 0)
-        previous = shape
-    return total
-
-
-def allowed(lengths, batch, batch_size):
-    if len(batch) > MAX_ROWS_FACTOR * batch_size:
-        return False
-    rows = padded_rows(len(batch), batch_size)
-    budget = max(batch_size * bucket_length(max(lengths)), MIN_BATCH_TOKENS)
-    return rows <= batch_size or rows * bucket_length(lengths[batch[0]]) <= budget
-
-
 def test_the_plan_is_the_cheapest_split_counting_each_new_shape():
     rng = np.random.default_rng(0)
     for _ in range(150):
@@ -97,8 +91,8 @@ def test_the_plan_is_the_cheapest_split_counting_each_new_shape():
             edges = [0] + [k + 1 for k, c in enumerate(cuts) if c] + [n]
             split = [order[a:b] for a, b in zip(edges, edges[1:])]
             if all(allowed(lengths, b, batch_size) for b in split):
-                best = min(best, cost_with_shapes(lengths, split, batch_size, shape_tokens))
-        assert cost_with_shapes(lengths, plan, batch_size, shape_tokens) == best, (lengths, batch_size, shape_tokens)
+                best = min(best, planned_cost(lengths, split, batch_size, shape_tokens=shape_tokens))
+        assert planned_cost(lengths, plan, batch_size, shape_tokens=shape_tokens) == best, (lengths, batch_size, shape_tokens)
 
 
 def test_a_new_batch_shape_costs_its_compilation():
@@ -106,7 +100,7 @@ def test_a_new_batch_shape_costs_its_compilation():
     assert [len(b) for b in plan_batches(lengths, 4)] == [4, 1]  # least padding: 4 + 1 rows
     assert [len(b) for b in plan_batches(lengths, 4, shape_tokens=300)] == [5]  # one program: 8 rows
     cfg = LlamaConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-                      d_ff=1536, tie_embeddings=True)  # SmolLM2-135M: a shape is worth a few hundred tokens
+                      d_ff=1536, tie_embeddings=True)  # SmolLM2-135M: a shape is worth ~140 tokens
     assert 100 < shape_overhead_tokens(cfg) < 200
 
 
