@@ -46,6 +46,66 @@ def _enable_compilation_cache() -> None:
         pass
 
 
+# On a CPU host jaxprobe asks JAX for one device per core and splits each batch's rows over them
+# (the mesh's 'data' axis), each device's Eigen matmuls on one thread. XLA's default, one CPU device
+# whose matmuls are shared out over every core, makes the cores meet inside each of SmolLM2's small
+# matmuls: on the reference CPU (2 cores) the forward benchmark's realistic batch-8 job ran 1.04-1.22x
+# faster split over two single-threaded devices (median 1.08x; 4 runs of 5-10 alternating pairs), a
+# fixed 8 x 288 batch 1.05-1.06x (30 pairs), with Eigen's threads left on only 1.05x. Every device
+# holds its own copy of the weights, so the default mesh uses no more devices than copies fit in
+# half the host's memory (`cpu_data_devices`), and at most CPU_DEVICES_MAX.
+CPU_DEVICES_MAX = 8
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_devices_wanted() -> int | None:
+    """JAXPROBE_CPU_DEVICES as a device count; None when it is not set."""
+    wanted = os.environ.get("JAXPROBE_CPU_DEVICES", "").strip()
+    if not wanted:
+        return None
+    if not wanted.isdigit() or int(wanted) < 1:
+        raise UserError(f"JAXPROBE_CPU_DEVICES={wanted!r}: expected a positive number of CPU devices")
+    return int(wanted)
+
+
+def use_one_cpu_device_per_core() -> None:
+    """Ask JAX for one CPU device per usable core (at most CPU_DEVICES_MAX) before its backends start.
+    An explicit choice wins: JAXPROBE_CPU_DEVICES, XLA_FLAGS' --xla_force_host_platform_device_count,
+    or jax_num_cpu_devices (JAX_NUM_CPU_DEVICES). Once JAX has started, its devices stay as they are."""
+    try:
+        count = cpu_devices_wanted()
+    except UserError:
+        return  # load_model says so, where the CLI turns it into one line
+    if count is None:
+        if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or \
+                jax.config.jax_num_cpu_devices != -1:
+            return
+        count = min(usable_cores(), CPU_DEVICES_MAX)
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX already runs (the caller computed something first): keep its devices
+        pass
+
+
+use_one_cpu_device_per_core()
+
+
+def cpu_data_devices(n_devices: int, param_bytes: int, host_bytes: int) -> int:
+    """How many CPU devices the default mesh puts on 'data': all, or as many copies of the weights
+    as fit in half the host's memory (at least one)."""
+    return max(1, min(n_devices, int(0.5 * host_bytes) // max(param_bytes, 1)))
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not limit
+
+
 # XLA's CPU backend hands f32 matmuls to YNNPACK by default. On the reference CPU (2 cores,
 # AVX-512, x86-64) its oneDNN matmuls run SmolLM2's forward pass fastest, 2-5% over Eigen's
 # (median of 10-30 alternations per shape), which beat YNNPACK's by 10-13%.
@@ -86,11 +146,15 @@ def cpu_matmul_library(planned_flops: float = 0.0) -> str:
 CPU_FORWARD_OPTIONS = {"xla_disable_hlo_passes": "tree_reduction_rewriter"}
 
 
-def compiler_options(mesh, library: str | None = None) -> dict | None:
+def compiler_options(mesh, library: str | None = None, rows_split: bool = True) -> dict | None:
     """XLA options for forward programs on this mesh: on CPU, the matmul library (default: the
-    choice for a short program) and `CPU_FORWARD_OPTIONS`; nothing elsewhere."""
+    choice for a short program), `CPU_FORWARD_OPTIONS`, and single-threaded Eigen matmuls when the
+    program splits its rows over at least one device per core; nothing elsewhere."""
     if all(d.platform == "cpu" for d in mesh.devices.flat):
-        return {**CPU_MATMUL_OPTIONS[library or cpu_matmul_library()], **CPU_FORWARD_OPTIONS}
+        options = {**CPU_MATMUL_OPTIONS[library or cpu_matmul_library()], **CPU_FORWARD_OPTIONS}
+        if rows_split and mesh.devices.size > 1 and mesh.devices.size >= usable_cores():
+            options["xla_cpu_multi_thread_eigen"] = False
+        return options
     return None
 
 
@@ -333,8 +397,9 @@ class LanguageModel:
         def run(state, tokens):
             return prefix_forward(nnx.merge(graphdef, state), tokens)
 
+        # every device computes the same prefix, so Eigen keeps its threads
         return jax.jit(run, in_shardings=(self._param_shardings(), replicated), out_shardings=replicated,
-                       compiler_options=compiler_options(self.mesh))
+                       compiler_options=compiler_options(self.mesh, rows_split=False))
 
     def prefix_cache(self, prefix_tokens: Sequence[int]) -> PrefixCache:
         return self._prefix_program(self.state, jnp.asarray(prefix_tokens, jnp.int32))
@@ -492,12 +557,15 @@ def load_model(src: str | os.PathLike = "smollm2-135m", *, dtype: str = "float32
     .gguf file, or "smollm2-135m" (the embedded default). Sources that are not converted yet are
     converted once (checkpoints/ or ~/.cache/jaxprobe/checkpoints) and reused afterwards.
     dtype: "float32" (default; fastest on CPUs without bf16 units) or "bfloat16".
-    mesh_shape: (data, model) device counts; default all devices on 'data'.
+    mesh_shape: (data, model) device counts; default all devices on 'data' (on a CPU host, one device
+    per core: see `use_one_cpu_device_per_core`; as many as copies of the weights fit in half its
+    memory).
     """
     from jaxprobe.convert import DEFAULT_MODEL, convert
 
     if dtype not in _DTYPES:
         raise UserError(f"dtype must be one of float32, bfloat16; not {dtype!r}")
+    cpu_devices_wanted()  # a bad JAXPROBE_CPU_DEVICES stops here, with its value
     _enable_compilation_cache()
     src = str(src)
     if checkpoint.is_checkpoint(src):
@@ -515,12 +583,15 @@ def load_model(src: str | os.PathLike = "smollm2-135m", *, dtype: str = "float32
             print(f"converting {src} -> {path} (once)")
             convert(src, path)
     cfg = checkpoint.load_config(path)
+    abstract = nnx.eval_shape(lambda: Llama(cfg, dtype=_DTYPES[dtype], rngs=nnx.Rngs(0)))
+    if mesh_shape is None and jax.default_backend() == "cpu":
+        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract)))
+        mesh_shape = (cpu_data_devices(jax.device_count(), param_bytes, _host_memory_bytes()), 1)
     try:
         mesh = make_mesh(mesh_shape)
     except ValueError as e:
         raise UserError(str(e)) from None
     params = checkpoint.load_params(path, cfg, mesh, rules, _DTYPES[dtype])
-    abstract = nnx.eval_shape(lambda: Llama(cfg, dtype=_DTYPES[dtype], rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)

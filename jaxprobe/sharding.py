@@ -60,13 +60,15 @@ DEFAULT_RULES = ShardingRules()
 
 
 def make_mesh(shape: tuple[int, int] | None = None) -> jax.sharding.Mesh:
-    """A ('data', 'model') mesh over the local devices; default: all devices on 'data'.
+    """A ('data', 'model') mesh over the first data x model local devices; default: all devices on
+    'data'.
 
     Axis types are given explicitly (Auto): jit's in/out shardings place the arrays and XLA
     propagates the rest, which needs no per-op annotations in the model.
     """
     n = jax.device_count()
     shape = shape or (n, 1)
-    if shape[0] * shape[1] != n:
+    if shape[0] < 1 or shape[1] < 1 or shape[0] * shape[1] > n:
         raise ValueError(f"mesh shape {shape} needs {shape[0] * shape[1]} devices; {n} are visible")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=jax.devices()[: shape[0] * shape[1]])

@@ -69,8 +69,8 @@ def on_one_device(lm):
     from flax import nnx
 
     from jaxprobe.runtime import LanguageModel
+    from jaxprobe.sharding import make_mesh
 
-    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                         devices=jax.devices()[:1])
+    mesh = make_mesh((1, 1))
     model = nnx.merge(lm.graphdef, jax.device_put(lm.state, jax.devices()[0]))
     return LanguageModel(model, lm.tokenizer, name=lm.name, mesh=mesh)

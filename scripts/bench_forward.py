@@ -107,7 +107,8 @@ def main():
     n_tokens = sum(map(len, ids))
     peak = MatmulPeak()
     peak.sample(10)
-    print(f"{args.n} reviews, {n_tokens} tokens (mean {n_tokens / len(ids):.0f}); torch threads {args.threads}")
+    print(f"{args.n} reviews, {n_tokens} tokens (mean {n_tokens / len(ids):.0f}); torch threads {args.threads}; "
+          f"jaxprobe mesh {dict(lm.mesh.shape)} of {lm.mesh.devices.flat[0].platform} devices")
 
     def hf_batch(rows):
         t = max(len(ids[i]) for i in rows)
@@ -129,10 +130,13 @@ def main():
     program = lm._program(pooling="last", residual=True, all_logits=False, has_ids=False, has_prefix=False,
                           library=library)
 
+    data = lm.mesh.shape["data"]  # on this CPU one device per core, each batch's rows split over them
+
     def jax_batch(rows):
         rows_ids = [ids[i] for i in rows]
-        tokens, positions, valid, read = _pad_batch(rows_ids, 0, (len(rows), max(map(len, rows_ids))))  # as HF
-        return np.asarray(program(lm.state, tokens, positions, valid, read, None, None).residual)
+        shape = (-(-len(rows) // data) * data, max(map(len, rows_ids)))  # as HF (rows: whole per device)
+        tokens, positions, valid, read = _pad_batch(rows_ids, 0, shape)
+        return np.asarray(program(lm.state, tokens, positions, valid, read, None, None).residual)[: len(rows)]
 
     def timed(fn, *a, **k):
         t = time.perf_counter(); r = fn(*a, **k); return time.perf_counter() - t, r

@@ -55,5 +55,49 @@ def test_rules_replicate_dimensions_the_mesh_does_not_divide():
 def test_bad_mesh_shape_is_a_user_error(sharded_ckpt):
     from jaxprobe.errors import UserError
 
-    with pytest.raises(UserError, match="needs 6 devices"):
-        jaxprobe.load_model(sharded_ckpt, mesh_shape=(2, 3))
+    with pytest.raises(UserError, match="needs 9 devices; 8 are visible"):
+        jaxprobe.load_model(sharded_ckpt, mesh_shape=(3, 3))
+
+
+def _device_count_in_new_process(env_extra, code="import jaxprobe.runtime, jax; print(jax.device_count())"):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXPROBE_CPU_DEVICES")}
+    env.update(env_extra)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_one_cpu_device_per_core_unless_chosen_otherwise():
+    from jaxprobe.runtime import CPU_DEVICES_MAX, usable_cores
+
+    assert _device_count_in_new_process({}) == str(min(usable_cores(), CPU_DEVICES_MAX))
+    assert _device_count_in_new_process({"JAXPROBE_CPU_DEVICES": "3"}) == "3"
+    assert _device_count_in_new_process({"XLA_FLAGS": "--xla_force_host_platform_device_count=5"}) == "5"
+    # JAX already running when jaxprobe is imported: its single device stays, nothing fails
+    started = "import jax; jax.numpy.ones(1).block_until_ready(); import jaxprobe.runtime; print(jax.device_count())"
+    assert _device_count_in_new_process({}, started) == "1"
+    bad = ("import jaxprobe.runtime as rt\ntry:\n    rt.load_model('x')\nexcept rt.UserError as e:\n    print(e)")
+    assert _device_count_in_new_process({"JAXPROBE_CPU_DEVICES": "two"}, bad) == \
+        "JAXPROBE_CPU_DEVICES='two': expected a positive number of CPU devices"
+
+
+def test_default_cpu_mesh_holds_as_many_weight_copies_as_fit_in_half_the_memory():
+    from jaxprobe.runtime import cpu_data_devices
+
+    gib = 1 << 30
+    assert cpu_data_devices(2, gib // 2, 24 * gib) == 2
+    assert cpu_data_devices(8, 5 * gib, 24 * gib) == 2   # 12 GiB hold two copies of 5 GiB
+    assert cpu_data_devices(8, 52 * gib, 24 * gib) == 1  # too large for even one: still one device
+
+
+def test_cpu_forward_programs_split_over_every_core_run_eigen_single_threaded(sharded_ckpt):
+    from jaxprobe.runtime import compiler_options
+
+    eight, one = make_mesh((8, 1)), make_mesh((1, 1))  # 8 devices >= this machine's cores
+    assert compiler_options(eight, "eigen")["xla_cpu_multi_thread_eigen"] is False
+    assert "xla_cpu_multi_thread_eigen" not in compiler_options(eight, "eigen", rows_split=False)
+    assert "xla_cpu_multi_thread_eigen" not in compiler_options(one, "eigen")
