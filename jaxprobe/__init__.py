@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from jaxprobe.cpu import use_one_cpu_device_per_core  # noqa: E402
+
+use_one_cpu_device_per_core()  # before anything starts JAX: one CPU device per core
+
 
 def __getattr__(name):
     # Lazy so `import jaxprobe` stays cheap and the CLI's --help does not start JAX.

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprobe import checkpoint
+from jaxprobe.cpu import cpu_devices_wanted, usable_cores
 from jaxprobe.errors import UserError
 from jaxprobe.model import ForwardOutputs, Llama, LlamaConfig, PrefixCache, forward, prefix_forward
 from jaxprobe.sharding import DEFAULT_RULES, ShardingRules, make_mesh
@@ -53,44 +54,7 @@ def _enable_compilation_cache() -> None:
 # faster split over two single-threaded devices (median 1.08x; 4 runs of 5-10 alternating pairs), a
 # fixed 8 x 288 batch 1.05-1.06x (30 pairs), with Eigen's threads left on only 1.05x. Every device
 # holds its own copy of the weights, so the default mesh uses no more devices than copies fit in
-# half the host's memory (`cpu_data_devices`), and at most CPU_DEVICES_MAX.
-CPU_DEVICES_MAX = 8
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def cpu_devices_wanted() -> int | None:
-    """JAXPROBE_CPU_DEVICES as a device count; None when it is not set."""
-    wanted = os.environ.get("JAXPROBE_CPU_DEVICES", "").strip()
-    if not wanted:
-        return None
-    if not wanted.isdigit() or int(wanted) < 1:
-        raise UserError(f"JAXPROBE_CPU_DEVICES={wanted!r}: expected a positive number of CPU devices")
-    return int(wanted)
-
-
-def use_one_cpu_device_per_core() -> None:
-    """Ask JAX for one CPU device per usable core (at most CPU_DEVICES_MAX) before its backends start.
-    An explicit choice wins: JAXPROBE_CPU_DEVICES, XLA_FLAGS' --xla_force_host_platform_device_count,
-    or jax_num_cpu_devices (JAX_NUM_CPU_DEVICES). Once JAX has started, its devices stay as they are."""
-    try:
-        count = cpu_devices_wanted()
-    except UserError:
-        return  # load_model says so, where the CLI turns it into one line
-    if count is None:
-        if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or \
-                jax.config.jax_num_cpu_devices != -1:
-            return
-        count = min(usable_cores(), CPU_DEVICES_MAX)
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # JAX already runs (the caller computed something first): keep its devices
-        pass
-
-
-use_one_cpu_device_per_core()
+# half the host's memory (`cpu_data_devices`). `import jaxprobe` asks for the devices (`jaxprobe.cpu`).
 
 
 def cpu_data_devices(n_devices: int, param_bytes: int, host_bytes: int) -> int:
@@ -558,7 +522,7 @@ def load_model(src: str | os.PathLike = "smollm2-135m", *, dtype: str = "float32
     converted once (checkpoints/ or ~/.cache/jaxprobe/checkpoints) and reused afterwards.
     dtype: "float32" (default; fastest on CPUs without bf16 units) or "bfloat16".
     mesh_shape: (data, model) device counts; default all devices on 'data' (on a CPU host, one device
-    per core: see `use_one_cpu_device_per_core`; as many as copies of the weights fit in half its
+    per core: see `jaxprobe.cpu`; as many as copies of the weights fit in half its
     memory).
     """
     from jaxprobe.convert import DEFAULT_MODEL, convert

@@ -64,7 +64,7 @@ def _device_count_in_new_process(env_extra, code="import jaxprobe.runtime, jax; 
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXPROBE_CPU_DEVICES")}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXPROBE_CPU_DEVICES", "JAX_NUM_CPU_DEVICES")}
     env.update(env_extra)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -72,11 +72,16 @@ def _device_count_in_new_process(env_extra, code="import jaxprobe.runtime, jax; 
 
 
 def test_one_cpu_device_per_core_unless_chosen_otherwise():
-    from jaxprobe.runtime import CPU_DEVICES_MAX, usable_cores
+    from jaxprobe.cpu import CPU_DEVICES_MAX, usable_cores
 
     assert _device_count_in_new_process({}) == str(min(usable_cores(), CPU_DEVICES_MAX))
     assert _device_count_in_new_process({"JAXPROBE_CPU_DEVICES": "3"}) == "3"
     assert _device_count_in_new_process({"XLA_FLAGS": "--xla_force_host_platform_device_count=5"}) == "5"
+    assert _device_count_in_new_process({"JAX_NUM_CPU_DEVICES": "4"}) == "4"
+    # `import jaxprobe` first, JAX used before the runtime module is imported: still one per core
+    early = ("import jaxprobe, jax; jax.numpy.ones(1).block_until_ready(); import jaxprobe.runtime; "
+             "print(jax.device_count())")
+    assert _device_count_in_new_process({}, early) == str(min(usable_cores(), CPU_DEVICES_MAX))
     # JAX already running when jaxprobe is imported: its single device stays, nothing fails
     started = "import jax; jax.numpy.ones(1).block_until_ready(); import jaxprobe.runtime; print(jax.device_count())"
     assert _device_count_in_new_process({}, started) == "1"
