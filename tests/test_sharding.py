@@ -1,5 +1,9 @@
 """Sharded runs on 8 host devices (XLA_FLAGS set in conftest) equal the one-device run."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -60,10 +64,6 @@ def test_bad_mesh_shape_is_a_user_error(sharded_ckpt):
 
 
 def _device_count_in_new_process(env_extra, code="import jaxprobe.runtime, jax; print(jax.device_count())"):
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXPROBE_CPU_DEVICES", "JAX_NUM_CPU_DEVICES")}
     env.update(env_extra)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -99,10 +99,13 @@ def test_default_cpu_mesh_holds_as_many_weight_copies_as_fit_in_half_the_memory(
     assert cpu_data_devices(8, 52 * gib, 24 * gib) == 1  # too large for even one: still one device
 
 
-def test_cpu_forward_programs_split_over_every_core_run_eigen_single_threaded(sharded_ckpt):
-    from jaxprobe.runtime import compiler_options
+def test_cpu_forward_programs_split_over_every_core_run_eigen_single_threaded(monkeypatch):
+    from jaxprobe import runtime
 
-    eight, one = make_mesh((8, 1)), make_mesh((1, 1))  # 8 devices >= this machine's cores
-    assert compiler_options(eight, "eigen")["xla_cpu_multi_thread_eigen"] is False
-    assert "xla_cpu_multi_thread_eigen" not in compiler_options(eight, "eigen", rows_split=False)
-    assert "xla_cpu_multi_thread_eigen" not in compiler_options(one, "eigen")
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)  # the reference CPU, whatever runs the test
+    eight, one = make_mesh((8, 1)), make_mesh((1, 1))
+    assert runtime.compiler_options(eight, "eigen")["xla_cpu_multi_thread_eigen"] is False
+    assert "xla_cpu_multi_thread_eigen" not in runtime.compiler_options(eight, "eigen", rows_split=False)
+    assert "xla_cpu_multi_thread_eigen" not in runtime.compiler_options(one, "eigen")
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 16)  # fewer devices than cores: Eigen keeps threads
+    assert "xla_cpu_multi_thread_eigen" not in runtime.compiler_options(eight, "eigen")
