@@ -10,9 +10,9 @@ use_one_cpu_device_per_core()  # before anything starts JAX: one CPU device per 
 def __getattr__(name):
     # Lazy so `import jaxprobe` stays cheap and the CLI's --help does not start JAX.
     if name in ("load_model", "LanguageModel"):
-        from jaxprobe import runtime
+        from jaxprobe import runner
 
-        return getattr(runtime, name)
+        return getattr(runner, name)
     if name == "open_activations":
         from jaxprobe.store import open_activations
 

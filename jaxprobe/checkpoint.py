@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from jaxprobe.errors import UserError
-from jaxprobe.io import save_json
+from jaxprobe.files import save_json
 from jaxprobe.model import PARAM_AXES, LlamaConfig, param_shapes
 
 # The parameter layout a checkpoint's `params/` holds, recorded in its source.json. 1: separate

@@ -21,8 +21,8 @@ import numpy as np
 
 from jaxprobe.errors import UserError
 from jaxprobe.model import LlamaConfig, RopeScaling, param_shapes
+from jaxprobe.sources import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model")
@@ -374,49 +374,3 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32",
     save_tokenizer(out / "tokenizer")
     checkpoint.save_checkpoint(out, cfg, params, source={"kind": kind, "path": str(path), "dtype": dtype})
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def _cmd_convert(args) -> int:
-    out = convert(args.src, args.out, dtype=args.dtype)
-    from jaxprobe import checkpoint
-
-    cfg = checkpoint.load_config(out)
-    print(f"wrote {out}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_params:,} parameters ({args.dtype})")
-    return 0
-
-
-def _cmd_info(args) -> int:
-    from jaxprobe import checkpoint
-
-    cfg = checkpoint.load_config(args.checkpoint)
-    source = checkpoint.load_source(args.checkpoint)
-    print(f"checkpoint: {args.checkpoint}")
-    print(f"source:     {source.get('kind')} {source.get('path')}")
-    print(f"dtype:      {source.get('dtype')}")
-    print(f"parameters: {cfg.n_params:,}")
-    for k, v in cfg.to_dict().items():
-        print(f"  {k:12s} {v}")
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert", help="convert HF safetensors / GGUF weights into a jaxprobe checkpoint",
-        description="Convert a LLaMA-architecture model into a jaxprobe checkpoint folder (Orbax "
-                    "parameters + config.json + tokenizer files). SRC is an HF folder (config.json "
-                    "and one or many .safetensors with an index), a llama .gguf file (any "
-                    f"quantisation the gguf package dequantises), or {DEFAULT_MODEL!r}, the "
-                    "embedded SmolLM2-135M-Instruct.")
-    p.add_argument("src", help=f"HF folder, .gguf file, or {DEFAULT_MODEL}")
-    p.add_argument("--out", required=True, help="output folder (must not hold a checkpoint already)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="parameter dtype (float32 is faster on CPUs without AMX/avx512_bf16)")
-    p.set_defaults(func=_cmd_convert)
-
-    p = subparsers.add_parser("info", help="print a checkpoint's config, parameter count and dtype")
-    p.add_argument("checkpoint", help="a folder written by `jaxprobe convert`")
-    p.set_defaults(func=_cmd_info)

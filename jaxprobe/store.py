@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from jaxprobe.errors import UserError
-from jaxprobe.io import load_json, save_json, save_npy, save_text
+from jaxprobe.files import (
+    ShardedArrayWriter,
+    claim_folder,
+    first_non_finite_row,
+    load_json_object,
+    load_npy,
+    save_json,
+    save_npy,
+    save_text,
+)
 
 STORE_FORMAT = "jaxprobe-activations"
 FORMAT_VERSION = 1
@@ -63,42 +71,18 @@ def sha256_array(array: np.ndarray) -> str:
     return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes()).hexdigest()
 
 
-def _shard_path(out: Path, k: int) -> Path:
-    return out / SHARD_DIR / f"shard-{k:05d}.npy"
-
-
-def _load_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
-    """np.load that turns a missing, truncated or corrupt file into one line naming it."""
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(f"{path}: truncated or corrupt .npy file ({str(e).splitlines()[0]}); "
-                        "delete it and rerun the command that wrote it") from None
-
-
-def first_non_finite_row(array: np.ndarray, chunk_rows: int = 256) -> int | None:
-    """Index of the first row (axis 0) holding NaN or inf, or None; reads a memmap in chunks."""
-    for start in range(0, len(array), chunk_rows):
-        ok = np.isfinite(np.asarray(array[start:start + chunk_rows])).reshape(
-            min(chunk_rows, len(array) - start), -1).all(axis=1)
-        if not ok.all():
-            return start + int(np.argmin(ok))
-    return None
-
-
 def _normalised(obj):
     """JSON round trip, so settings compare the same before and after being stored."""
     return json.loads(json.dumps(obj, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
 
 
-def _first_difference(stored: dict, asked: dict) -> str | None:
-    for key in sorted(set(stored) | set(asked)):
-        if stored.get(key) != asked.get(key):
-            show = lambda v: repr(v) if len(repr(v)) <= 70 else repr(v)[:67] + "..."  # noqa: E731
-            return f"{key}: stored {show(stored.get(key))}, asked {show(asked.get(key))}"
-    return None
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxprobe")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def write_store(out: str | os.PathLike, *, prompts: Sequence[str], labels: Sequence[int],
@@ -129,10 +113,8 @@ def write_store(out: str | os.PathLike, *, prompts: Sequence[str], labels: Seque
                             "prompts_sha256": sha256_strings(prompts),
                             "labels_sha256": sha256_array(labels),
                             "sample_indices_sha256": sha256_array(sample_indices)})
-    from jaxprobe import __version__
-
     manifest = {"format": STORE_FORMAT, "format_version": FORMAT_VERSION,
-                "jaxprobe_version": __version__, "complete": False,
+                "jaxprobe_version": _version(), "complete": False,
                 **_normalised(describe or {}), "settings": identity,
                 "n": n, "shape": shape, "dtype": "float32", "shard_size": shard_size,
                 "n_shards": n_shards, "hook_points": list(range(n_hook_points)),
@@ -140,14 +122,10 @@ def write_store(out: str | os.PathLike, *, prompts: Sequence[str], labels: Seque
                     "activations": ACTIVATIONS, "labels": LABELS,
                     "sample_indices": SAMPLE_INDICES, "prompts": PROMPTS}}
 
-    stored = _existing_manifest(out)
+    stored = claim_folder(out, MANIFEST, identity, what="an activation store", format=STORE_FORMAT)
     if stored is not None:
-        difference = _first_difference(stored.get("settings", {}), identity)
-        if difference:
-            raise UserError(f"{out} holds a store made with different settings ({difference}); "
-                            "choose another --out (nothing was changed)")
         if stored.get("complete") and (out / ACTIVATIONS).is_file():
-            shutil.rmtree(out / SHARD_DIR, ignore_errors=True)  # left over if killed at the very end
+            shutil.rmtree(out / "shards", ignore_errors=True)  # left over if killed at the very end
             log(f"{out}: already complete ({n} examples)")
             return out
         manifest = {**manifest, "created": stored.get("created")}
@@ -165,19 +143,16 @@ def write_store(out: str | os.PathLike, *, prompts: Sequence[str], labels: Seque
     if not (out / PROMPTS).is_file():
         save_text(out / PROMPTS, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
 
-    shard_slices = [slice(k * shard_size, min(n, (k + 1) * shard_size)) for k in range(n_shards)]
-    done = [_shard_path(out, k).is_file() for k in range(n_shards)]
-    for k in np.flatnonzero(done):
-        _check_shard(_shard_path(out, k), shard_slices[k].stop - shard_slices[k].start, shape)
+    writer = ShardedArrayWriter(out, n, (n_hook_points, d_model), shard_size)
+    todo = writer.pending()
     counts = np.asarray(token_counts if token_counts is not None else np.ones(n), dtype=np.int64)
     from tqdm.auto import tqdm
 
-    with tqdm(total=int(counts.sum()), initial=int(sum(counts[s].sum() for s, d in zip(shard_slices, done) if d)),
+    with tqdm(total=int(counts.sum()), initial=int(counts.sum() - sum(counts[writer.slices[k]].sum() for k in todo)),
               unit="tok" if token_counts is not None else "text", unit_scale=True,
               desc=f"extract {out.name}", disable=not progress, dynamic_ncols=True) as bar:
-        for k, rows in enumerate(shard_slices):
-            if done[k]:
-                continue
+        for k in todo:
+            rows = writer.slices[k]
             acts = np.asarray(compute(list(prompts[rows])), dtype=np.float32)
             expected = (rows.stop - rows.start, n_hook_points, d_model)
             if acts.shape != expected:
@@ -187,68 +162,12 @@ def write_store(out: str | os.PathLike, *, prompts: Sequence[str], labels: Seque
                 i = rows.start + bad
                 raise UserError(f"NaN or inf activations for sample item {i} (source row "
                                 f"{int(sample_indices[i])}); try --dtype float32")
-            save_npy(_shard_path(out, k), acts)
+            writer.write(k, acts)
             bar.update(int(counts[rows].sum()))
 
-    _consolidate(out, shard_slices, shape)
+    writer.merge(out / ACTIVATIONS)
     save_json(out / MANIFEST, {**manifest, "complete": True})
-    shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
     return out
-
-
-def _existing_manifest(out: Path) -> dict | None:
-    """The stored manifest, None for a new or empty folder; refuses any other folder."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return None
-    if not (out / MANIFEST).is_file():
-        raise UserError(f"--out {out} is not empty and holds no {MANIFEST}; refusing to write "
-                        "into it (choose an empty or new folder)")
-    manifest = _read_manifest(out / MANIFEST)
-    if manifest.get("format") != STORE_FORMAT:
-        raise UserError(f"{out / MANIFEST} is not a jaxprobe activation store manifest")
-    return manifest
-
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = load_json(path)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: corrupt JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: not a manifest (expected a JSON object)")
-    return manifest
-
-
-def _check_shard(path: Path, n_rows: int, shape: list[int]) -> np.ndarray:
-    shard = _load_npy(path, mmap=True)
-    if shard.shape != (n_rows, *shape[1:]) or shard.dtype != np.float32:
-        raise UserError(f"{path}: shard holds {shard.dtype}{list(shard.shape)}, expected "
-                        f"float32{[n_rows, *shape[1:]]}; delete it and rerun to recompute it")
-    return shard
-
-
-def _consolidate(out: Path, shard_slices: list[slice], shape: list[int]) -> None:
-    """Copy the shards into one activations.npy, through a temp file renamed at the end."""
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{ACTIVATIONS}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a store is ordinary data
-    try:
-        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(shape))
-        for k, rows in enumerate(shard_slices):
-            merged[rows] = _check_shard(_shard_path(out, k), rows.stop - rows.start, shape)
-        merged.flush()
-        del merged
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / ACTIVATIONS)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass(frozen=True)
@@ -317,24 +236,31 @@ def open_activations(path: str | os.PathLike) -> ActivationStore:
         return _open_reference_pickle(path)
     if not (path / MANIFEST).is_file():
         raise UserError(f"{path}: no {MANIFEST} (not a jaxprobe activation store)")
-    manifest = _read_manifest(path / MANIFEST)
+    manifest = load_json_object(path / MANIFEST)
     if manifest.get("format") != STORE_FORMAT:
         raise UserError(f"{path / MANIFEST} is not a jaxprobe activation store manifest")
     if not manifest.get("complete"):
-        n_done = len(list((path / SHARD_DIR).glob("shard-*.npy"))) if (path / SHARD_DIR).is_dir() else 0
+        n_done = len(list((path / SHARD_DIR).glob("part-*.npy"))) if (path / SHARD_DIR).is_dir() else 0
         raise UserError(f"{path}: unfinished store ({n_done} of {manifest.get('n_shards')} shards); "
                         "rerun the extract command that made it to finish it")
-    activations = _load_npy(path / ACTIVATIONS, mmap=True)
-    shape = tuple(manifest["shape"])
+    shape, points = manifest.get("shape"), manifest.get("hook_points")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(x) is int and x > 0 for x in shape)):
+        raise UserError(f"{path / MANIFEST}: 'shape' must be three positive integers, not {shape!r}")
+    if not (isinstance(points, list) and len(points) == shape[1] and all(type(x) is int for x in points)
+            and points == sorted(set(points))):
+        raise UserError(f"{path / MANIFEST}: 'hook_points' must be {shape[1]} increasing integers, not {points!r}")
+    activations = load_npy(path / ACTIVATIONS, mmap=True)
+    shape = tuple(shape)
     if activations.shape != shape or activations.dtype != np.float32:
         raise UserError(f"{path / ACTIVATIONS}: holds {activations.dtype}{list(activations.shape)}, "
                         f"the manifest says float32{list(shape)}")
-    labels = _load_npy(path / LABELS)
+    labels = load_npy(path / LABELS)
     if labels.shape != (shape[0],):
         raise UserError(f"{path / LABELS}: {labels.shape[0] if labels.ndim else 0} labels for "
                         f"{shape[0]} examples")
-    return ActivationStore(path, activations, labels.astype(np.int64), manifest,
-                           tuple(manifest["hook_points"]))
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path / LABELS}: labels are {labels.dtype}, not integers")
+    return ActivationStore(path, activations, labels.astype(np.int64), manifest, tuple(points))
 
 
 def _open_reference_pickle(path: Path) -> ActivationStore:

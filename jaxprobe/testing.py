@@ -68,9 +68,21 @@ def on_one_device(lm):
     import jax
     from flax import nnx
 
-    from jaxprobe.runtime import LanguageModel
+    from jaxprobe.runner import LanguageModel
     from jaxprobe.sharding import make_mesh
 
     mesh = make_mesh((1, 1))
     model = nnx.merge(lm.graphdef, jax.device_put(lm.state, jax.devices()[0]))
     return LanguageModel(model, lm.tokenizer, name=lm.name, mesh=mesh)
+
+
+def write_tiny_dataset(path: Path, n_rows: int, seed: int) -> Path:
+    """A labelled parquet file of short sentences (trailing spaces, as SST-2 has) in the tiny
+    tokenizer's words; labels are random, so a random model is as good as anything on it."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    vocab = "the film was a great charming dull terrible movie plot acting good fun".split()
+    texts = [" ".join(rng.choice(vocab, rng.integers(2, 6))) + " " for _ in range(n_rows)]
+    pd.DataFrame({"text": texts, "label": rng.integers(0, 2, n_rows)}).to_parquet(path)
+    return path

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jaxprobe.active import estimators as E  # noqa: E402
-from jaxprobe.active.acquire import SweepConfig, _sweep_pool, prepare_pool  # noqa: E402
+from jaxprobe.active.sweep import SweepConfig, prepare_pool, sweep_pool  # noqa: E402
 
 
 def synthetic_pool(n: int, seed: int = 0):
@@ -61,12 +61,12 @@ def main(argv=None) -> int:
         kw = dict(checkpoint_dir=None, chunk_runs=args.chunk_runs, threads=args.threads, progress=False,
                   true_risk=None, checkpoint_every_s=0.0, desc="")
         t0 = time.perf_counter()
-        _sweep_pool(pool, SweepConfig("cross-entropy", "lure", 1, args.size, 0, args.clip), **kw)  # compile
+        sweep_pool(pool, SweepConfig("cross-entropy", "lure", 1, args.size, 0, args.clip), **kw)  # compile
         compile_s = time.perf_counter() - t0
         ours, cpu = [], []
         for _ in range(args.repeats):
             t0, c0 = time.perf_counter(), time.process_time()
-            estimates = _sweep_pool(pool, config, **kw)
+            estimates = sweep_pool(pool, config, **kw)
             ours.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         scores = E.acquisition_scores("cross-entropy", target, surrogate, labels)

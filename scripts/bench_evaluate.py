@@ -39,8 +39,8 @@ def timed(fn):
 
 def sst2_prompts(cfg: BenchConfig) -> tuple[list[str], list[int]]:
     """`cfg.n` SST-2 prompts with `cfg.icl` class-proportional examples, as `evaluate` builds them."""
-    from jaxprobe.active.evaluate import EvaluateConfig, LabelledSplit, draw_subsets
-    from jaxprobe.active.prompts import SST2_INSTRUCTION, SST2_LABEL_WORDS, build_prompts, select_icl_examples
+    from jaxprobe.evaluate import EvaluateConfig, LabelledSplit, draw_subsets
+    from jaxprobe.prompts import SST2_INSTRUCTION, SST2_LABEL_WORDS, build_prompts, select_icl_examples
 
     split = LabelledSplit(EvaluateConfig(out=""))
     rows = draw_subsets(split.n_rows, pool_size=cfg.n, test_size=0, icl_candidates=500, seed=cfg.seed)
@@ -66,7 +66,7 @@ def main() -> None:
     import jax
 
     import jaxprobe
-    from jaxprobe.active.prompts import SST2_LABEL_WORDS, resolve_label_tokens
+    from jaxprobe.prompts import SST2_LABEL_WORDS, resolve_label_tokens
 
     prompts, _ = sst2_prompts(cfg)
     lm = jaxprobe.load_model(cfg.model)

@@ -54,7 +54,7 @@ def main() -> None:
     import jax
 
     import jaxprobe
-    from jaxprobe.probing import ExtractConfig, prepare_prompts
+    from jaxprobe.extract import ExtractConfig, prepare_prompts
 
     prompts = prepare_prompts(ExtractConfig(out="", dataset="imdb", split=cfg.split, n=cfg.n,
                                             template="vector-5shot-untruncated")).prompts

@@ -43,7 +43,7 @@ class MatmulPeak:
         import jax.numpy as jnp
         import torch
 
-        from jaxprobe.runtime import CPU_MATMUL_OPTIONS
+        from jaxprobe.cpu import CPU_MATMUL_OPTIONS
 
         self.n, self.flops = n, 2 * n**3
         a = jnp.ones((n, n), jnp.float32)
@@ -92,7 +92,8 @@ def main():
 
     import jaxprobe
     from jaxprobe.data import load_split
-    from jaxprobe.runtime import _pad_batch, cpu_matmul_library, forward_flops
+    from jaxprobe.batching import forward_flops, pad_batch
+    from jaxprobe.cpu import cpu_matmul_library
 
     torch.set_num_threads(args.threads)
     ds = load_split("imdb", "test").shuffle(seed=0).select(range(args.n))
@@ -125,7 +126,7 @@ def main():
         return [hf_batch(rows) for rows in batches]
 
     # Same-work compares steady-state compute: jaxprobe runs it with the CPU matmul library a long
-    # job gets (lm.activations picks per program shape by its planned work; see runtime.py).
+    # job gets (lm.activations picks per program shape by its planned work; see runner.py).
     library = cpu_matmul_library(float("inf"))
     program = lm._program(pooling="last", residual=True, all_logits=False, has_ids=False, has_prefix=False,
                           library=library)
@@ -135,7 +136,7 @@ def main():
     def jax_batch(rows):
         rows_ids = [ids[i] for i in rows]
         shape = (-(-len(rows) // data) * data, max(map(len, rows_ids)))  # as HF (rows: whole per device)
-        tokens, positions, valid, read = _pad_batch(rows_ids, 0, shape)
+        tokens, positions, valid, read = pad_batch(rows_ids, 0, shape)
         return np.asarray(program(lm.state, tokens, positions, valid, read, None, None).residual)[: len(rows)]
 
     def timed(fn, *a, **k):

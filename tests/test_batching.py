@@ -9,11 +9,12 @@ import itertools
 import numpy as np
 import pytest
 
-from jaxprobe import runtime
+from jaxprobe import batching, cpu
 from jaxprobe.errors import UserError
 from jaxprobe.model import LlamaConfig
-from jaxprobe.runtime import (BATCH_OVERHEAD_TOKENS, MAX_ROWS_FACTOR, MIN_BATCH_TOKENS, batch_row_counts,
-                              bucket_length, padded_rows, plan_batches, shape_overhead_tokens)
+from jaxprobe.batching import (BATCH_OVERHEAD_TOKENS, MAX_ROWS_FACTOR, MIN_BATCH_TOKENS, batch_row_counts,
+                               bucket_length, forward_flops, padded_rows, plan_batches,
+                               shape_overhead_tokens)
 
 
 def planned_cost(lengths, batches, batch_size, multiple=1, shape_tokens=0.0):
@@ -114,23 +115,23 @@ def test_row_counts_are_halvings_and_doublings_rounded_to_the_data_axis():
 
 def test_cpu_matmul_library_pays_for_onednn_only_on_long_work(monkeypatch):
     monkeypatch.delenv("JAXPROBE_CPU_MATMUL", raising=False)
-    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
-    assert runtime.cpu_matmul_library(0.0) == "eigen"  # short: Eigen, whose compile XLA caches on disk
-    assert runtime.cpu_matmul_library(runtime.ONEDNN_MIN_FLOPS) == "onednn"
-    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")
-    assert runtime.cpu_matmul_library(1e18) == "eigen"  # jaxlib ships oneDNN on x86-64 only
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    assert cpu.cpu_matmul_library(0.0) == "eigen"  # short: Eigen, whose compile XLA caches on disk
+    assert cpu.cpu_matmul_library(cpu.ONEDNN_MIN_FLOPS) == "onednn"
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
+    assert cpu.cpu_matmul_library(1e18) == "eigen"  # jaxlib ships oneDNN on x86-64 only
     monkeypatch.setenv("JAXPROBE_CPU_MATMUL", "YNNPACK")
-    assert runtime.cpu_matmul_library(0.0) == "ynnpack"
+    assert cpu.cpu_matmul_library(0.0) == "ynnpack"
     monkeypatch.setenv("JAXPROBE_CPU_MATMUL", "mkl")
     with pytest.raises(UserError, match="JAXPROBE_CPU_MATMUL='mkl'"):
-        runtime.cpu_matmul_library(0.0)
+        cpu.cpu_matmul_library(0.0)
 
 
 def test_forward_flops_counts_weights_and_causal_attention():
     cfg = LlamaConfig(vocab_size=10, d_model=4, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=2, d_ff=8)
     weights = 4 * 2 * (2 * 2 + 2 * 1) + 3 * 4 * 8  # q, o: 2 heads; k, v: 1 head; gate, up, down
     attention = 2 * 2 * 2 * 3 * 4 / 2               # 3 tokens see 1 + 2 + 3 keys
-    assert runtime.forward_flops(cfg, 5, 3) == 2 * 5 * (2 * weights * 3 + 2 * attention)
+    assert forward_flops(cfg, 5, 3) == 2 * 5 * (2 * weights * 3 + 2 * attention)
 
 
 def test_larger_batches_of_short_texts_give_each_texts_own_numbers(tiny_ckpt, monkeypatch):
@@ -142,8 +143,8 @@ def test_larger_batches_of_short_texts_give_each_texts_own_numbers(tiny_ckpt, mo
     lengths = [len(r) for r in lm.tokenize(texts)]
     assert max(len(b) for b in plan_batches(lengths, 2)) == 16  # short texts share batches beyond batch_size
     together = lm.run(texts, all_logits=True, batch_size=2)
-    monkeypatch.setattr(runtime, "MAX_ROWS_FACTOR", 1)
-    monkeypatch.setattr(runtime, "MIN_BATCH_TOKENS", 0)
+    monkeypatch.setattr(batching, "MAX_ROWS_FACTOR", 1)
+    monkeypatch.setattr(batching, "MIN_BATCH_TOKENS", 0)
     assert max(len(b) for b in plan_batches(lengths, 1)) == 1
     alone = lm.run(texts, all_logits=True, batch_size=1)
     for key in ("activations", "logits"):

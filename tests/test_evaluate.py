@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxprobe.active.evaluate import (
-    EvaluateConfig, check_same_rows, draw_subsets, label_metrics, load_evaluation, run_evaluate)
-from jaxprobe.active.prompts import (
+from jaxprobe.active.estimators import label_metrics
+from jaxprobe.active.inputs import check_same_rows, load_evaluation
+from jaxprobe.evaluate import EvaluateConfig, draw_subsets, run_evaluate
+from jaxprobe.prompts import (
     SST2_INSTRUCTION, build_prompts, default_instruction, resolve_label_tokens, select_icl_examples)
 from jaxprobe.errors import UserError
+from jaxprobe.testing import write_tiny_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ("a", "positive")  # one token each after "Label:" in the tiny tokenizer (" negative" is five)
@@ -115,18 +117,6 @@ def test_label_metrics_by_hand():
 
 
 # ------------------------------------------------------------------------- tiny model
-
-
-def write_tiny_dataset(path: Path, n_rows: int, seed: int) -> Path:
-    """A labelled parquet file of short sentences (trailing spaces, as SST-2 has) in the tiny
-    tokenizer's words; labels are random, so a random model is as good as anything on it."""
-    import pandas as pd
-
-    rng = np.random.default_rng(seed)
-    vocab = "the film was a great charming dull terrible movie plot acting good fun".split()
-    texts = [" ".join(rng.choice(vocab, rng.integers(2, 6))) + " " for _ in range(n_rows)]
-    pd.DataFrame({"text": texts, "label": rng.integers(0, 2, n_rows)}).to_parquet(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +218,7 @@ def test_second_model_reuses_subsets_and_rows_are_checked(tiny, icl_run):
 def test_rerun_is_a_no_op_and_other_settings_are_refused(tiny, icl_run):
     before = _snapshot(icl_run)
     run_evaluate(_config(tiny, icl_run), lm=tiny["lm"], log=lambda *_: None)
-    with pytest.raises(UserError, match=r"different settings \(icl: 3 there vs 2 now"):
+    with pytest.raises(UserError, match=r"other settings \(icl: stored 3, asked 2\)"):
         run_evaluate(_config(tiny, icl_run, icl=2), lm=tiny["lm"])
     with pytest.raises(UserError, match="subsets_id"):
         run_evaluate(_config(tiny, icl_run, seed=5), lm=tiny["lm"])
@@ -252,7 +242,7 @@ def test_bad_inputs_are_one_line_errors(tiny, tmp_path):
         run_evaluate(_config(tiny, tmp_path / "o3", pool_size=100), lm=lm)
     (tmp_path / "o4").mkdir()
     (tmp_path / "o4" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="already holds other files"):
+    with pytest.raises(UserError, match="is not empty and holds no meta.json"):
         run_evaluate(_config(tiny, tmp_path / "o4"), lm=lm)
     assert (tmp_path / "o4" / "notes.txt").read_text() == "mine"
     for name in ("o1", "o2", "o3"):
@@ -300,12 +290,12 @@ def test_killed_cli_run_resumes_bit_identical(tiny, icl_run, capsys):
     shards = out / "pool" / "shards"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if shards.is_dir() and len(list(shards.glob("logits-*.npy"))) >= 3:
+        if shards.is_dir() and len(list(shards.glob("part-*.npy"))) >= 3:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    done = len(list(shards.glob("logits-*.npy")))
+    done = len(list(shards.glob("part-*.npy")))
     assert 3 <= done < 20 and not (out / "pool" / "metrics.json").exists()
 
     assert cli.main(_cli_args(tiny, out)) == 0

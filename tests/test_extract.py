@@ -53,11 +53,11 @@ def extract_args(model, data, out, *extra):
 def test_killed_extract_resumes_bit_identical(tiny_ckpt, reviews_csv, tmp_path, capsys):
     # A cold XLA cache for the subprocess, so every shard (a new padded length) compiles and the
     # run lasts long enough to be killed mid-way. It inherits this process's XLA flags.
-    env = {**os.environ, "JAXPROBE_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "JAXPROBE_HOME": str(tmp_path / "cache")}
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "jaxprobe.cli", *extract_args(tiny_ckpt, reviews_csv, killed)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first_shard = killed / "shards" / "shard-00000.npy"
+    first_shard = killed / "shards" / "part-00000.npy"
     deadline = time.monotonic() + 120
     while not first_shard.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -106,7 +106,7 @@ def test_other_settings_into_an_existing_store_are_refused(tiny_ckpt, short_csv,
     assert main(extract_args(tiny_ckpt, short_csv, out, "--n", "4", "--positions", "mean")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
-    assert "different settings (positions: stored 'last', asked 'mean')" in err
+    assert "other settings (positions: stored 'last', asked 'mean')" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main(extract_args(tiny_ckpt, short_csv, out, "--n", "4")) == 0  # same: nothing to do
     assert "already complete" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxprobe
-from jaxprobe.probing import ExtractConfig, extract
+from jaxprobe.extract import ExtractConfig, extract
 
 pytestmark = pytest.mark.slow
 

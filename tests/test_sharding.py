@@ -63,7 +63,7 @@ def test_bad_mesh_shape_is_a_user_error(sharded_ckpt):
         jaxprobe.load_model(sharded_ckpt, mesh_shape=(3, 3))
 
 
-def _device_count_in_new_process(env_extra, code="import jaxprobe.runtime, jax; print(jax.device_count())"):
+def _device_count_in_new_process(env_extra, code="import jaxprobe.runner, jax; print(jax.device_count())"):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXPROBE_CPU_DEVICES", "JAX_NUM_CPU_DEVICES")}
     env.update(env_extra)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -78,20 +78,20 @@ def test_one_cpu_device_per_core_unless_chosen_otherwise():
     assert _device_count_in_new_process({"JAXPROBE_CPU_DEVICES": "3"}) == "3"
     assert _device_count_in_new_process({"XLA_FLAGS": "--xla_force_host_platform_device_count=5"}) == "5"
     assert _device_count_in_new_process({"JAX_NUM_CPU_DEVICES": "4"}) == "4"
-    # `import jaxprobe` first, JAX used before the runtime module is imported: still one per core
-    early = ("import jaxprobe, jax; jax.numpy.ones(1).block_until_ready(); import jaxprobe.runtime; "
+    # `import jaxprobe` first, JAX used before the runner module is imported: still one per core
+    early = ("import jaxprobe, jax; jax.numpy.ones(1).block_until_ready(); import jaxprobe.runner; "
              "print(jax.device_count())")
     assert _device_count_in_new_process({}, early) == str(min(usable_cores(), CPU_DEVICES_MAX))
     # JAX already running when jaxprobe is imported: its single device stays, nothing fails
-    started = "import jax; jax.numpy.ones(1).block_until_ready(); import jaxprobe.runtime; print(jax.device_count())"
+    started = "import jax; jax.numpy.ones(1).block_until_ready(); import jaxprobe.runner; print(jax.device_count())"
     assert _device_count_in_new_process({}, started) == "1"
-    bad = ("import jaxprobe.runtime as rt\ntry:\n    rt.load_model('x')\nexcept rt.UserError as e:\n    print(e)")
+    bad = ("import jaxprobe.runner as rt\ntry:\n    rt.load_model('x')\nexcept rt.UserError as e:\n    print(e)")
     assert _device_count_in_new_process({"JAXPROBE_CPU_DEVICES": "two"}, bad) == \
         "JAXPROBE_CPU_DEVICES='two': expected a positive number of CPU devices"
 
 
 def test_default_cpu_mesh_holds_as_many_weight_copies_as_fit_in_half_the_memory():
-    from jaxprobe.runtime import cpu_data_devices
+    from jaxprobe.cpu import cpu_data_devices
 
     gib = 1 << 30
     assert cpu_data_devices(2, gib // 2, 24 * gib) == 2
@@ -100,12 +100,12 @@ def test_default_cpu_mesh_holds_as_many_weight_copies_as_fit_in_half_the_memory(
 
 
 def test_cpu_forward_programs_split_over_every_core_run_eigen_single_threaded(monkeypatch):
-    from jaxprobe import runtime
+    from jaxprobe import cpu
 
-    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)  # the reference CPU, whatever runs the test
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)  # the reference CPU, whatever runs the test
     eight, one = make_mesh((8, 1)), make_mesh((1, 1))
-    assert runtime.compiler_options(eight, "eigen")["xla_cpu_multi_thread_eigen"] is False
-    assert "xla_cpu_multi_thread_eigen" not in runtime.compiler_options(eight, "eigen", rows_split=False)
-    assert "xla_cpu_multi_thread_eigen" not in runtime.compiler_options(one, "eigen")
-    monkeypatch.setattr(runtime, "usable_cores", lambda: 16)  # fewer devices than cores: Eigen keeps threads
-    assert "xla_cpu_multi_thread_eigen" not in runtime.compiler_options(eight, "eigen")
+    assert cpu.compiler_options(eight, "eigen")["xla_cpu_multi_thread_eigen"] is False
+    assert "xla_cpu_multi_thread_eigen" not in cpu.compiler_options(eight, "eigen", rows_split=False)
+    assert "xla_cpu_multi_thread_eigen" not in cpu.compiler_options(one, "eigen")
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 16)  # fewer devices than cores: Eigen keeps threads
+    assert "xla_cpu_multi_thread_eigen" not in cpu.compiler_options(eight, "eigen")

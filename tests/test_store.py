@@ -69,7 +69,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write(tmp_path / "resumed", compute=first)
     assert sorted(p.name for p in (tmp_path / "resumed" / "shards").iterdir()) == [
-        "shard-00000.npy", "shard-00001.npy"]
+        "part-00000.npy", "part-00001.npy"]
     with pytest.raises(UserError, match="unfinished store .2 of 3 shards"):
         jaxprobe.open_activations(tmp_path / "resumed")
     second = CountingCompute()
@@ -85,7 +85,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path):
 def test_different_settings_are_refused_and_nothing_changes(tmp_path):
     out = write(tmp_path / "s")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(UserError, match=r"different settings \(template: stored 'raw', asked 'x'\)"):
+    with pytest.raises(UserError, match=r"other settings \(template: stored 'raw', asked 'x'\)"):
         write(out, settings={**SETTINGS, "template": "x"})
     with pytest.raises(UserError, match="prompts_sha256"):
         write(out, prompts=PROMPTS[::-1])
@@ -102,11 +102,11 @@ def test_foreign_folder_is_refused(tmp_path):
 def test_truncated_shard_names_the_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write(tmp_path / "s", compute=CountingCompute(fail_after=2))
-    shard = tmp_path / "s" / "shards" / "shard-00001.npy"
+    shard = tmp_path / "s" / "shards" / "part-00001.npy"
     shard.write_bytes(shard.read_bytes()[:-10])
-    with pytest.raises(UserError, match=r"shard-00001.npy: truncated or corrupt"):
+    with pytest.raises(UserError, match=r"part-00001.npy: truncated or corrupt"):
         write(tmp_path / "s")
-    assert (tmp_path / "s" / "shards" / "shard-00000.npy").is_file()
+    assert (tmp_path / "s" / "shards" / "part-00000.npy").is_file()
 
 
 def test_truncated_or_missing_store_files(tmp_path):
@@ -133,7 +133,7 @@ def test_non_finite_activations(tmp_path):
 
     with pytest.raises(UserError, match=r"sample item 6 \(source row 106\)"):
         write(tmp_path / "s", compute=nan_for_item_6)
-    assert (tmp_path / "s" / "shards" / "shard-00000.npy").is_file()  # earlier work kept
+    assert (tmp_path / "s" / "shards" / "part-00000.npy").is_file()  # earlier work kept
 
     out = write(tmp_path / "t")
     acts = np.load(out / "activations.npy")

@@ -194,3 +194,16 @@ def reference_sweep(scores: np.ndarray, losses: np.ndarray, *, runs: int, size: 
         idx, q = reference_draws(scores, size, clip, rng)
         out[:, r] = estimate_from_draws(estimator, losses[idx], q, len(scores))
     return out
+
+
+def label_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy and mean cross-entropy over the K label logits (spec 2.3), computed in float64."""
+    z = np.asarray(logits, np.float64)
+    log_probs = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+    losses = -log_probs[np.arange(len(labels)), labels]
+    predicted = np.argmax(z, axis=1)
+    k = z.shape[1]
+    return {"n": int(len(labels)), "accuracy": float(np.mean(predicted == labels)),
+            "cross_entropy": float(np.mean(losses)),
+            "label_counts": np.bincount(labels, minlength=k).tolist(),
+            "predicted_counts": np.bincount(predicted, minlength=k).tolist()}

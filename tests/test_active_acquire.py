@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxprobe.active import estimators as E
-from jaxprobe.active.acquire import run_sweep, summarise_sweep
+from jaxprobe.active.sweep import run_sweep, summarise_sweep
 from jaxprobe.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,7 +148,7 @@ def test_bad_inputs_are_one_line_errors_that_overwrite_nothing(folders, iid_run,
     assert "already holds a finished acquire run" in _one_line_error(
         capsys, _acquire(folders, iid_run, "--acquisition", "iid"))
     assert before == {p: p.read_bytes() for p in iid_run.iterdir() if p.is_file()}
-    assert "already holds other files" in _one_line_error(capsys, _acquire(folders, folders["target"]))
+    assert "is not empty and holds no acquire.json" in _one_line_error(capsys, _acquire(folders, folders["target"]))
     assert "--iid" in _one_line_error(capsys, _acquire(folders, tmp_path / "x", "--iid", str(
         folders["root"] / "ce")))  # exists only if that test ran; either way a one-line refusal
 
@@ -181,23 +181,3 @@ def test_killed_subprocess_resumes_bit_identical(folders, tmp_path, capsys):
     uninterrupted = run_sweep(target.astype(np.float32), surrogate.astype(np.float32), labels, runs=1280,
                               size=SIZE, seed=5, chunk_runs=1280, progress=False)  # one chunk of 1280
     np.testing.assert_array_equal(np.load(out / "estimates.npy"), uninterrupted)
-
-
-def test_evaluate_then_acquire_on_a_tiny_model(tiny_ckpt, tmp_path, capsys):
-    from test_evaluate import write_tiny_dataset
-
-    data = write_tiny_dataset(tmp_path / "data.parquet", 90, seed=1)
-    common = ["evaluate", "--model", str(tiny_ckpt), "--dataset", str(data), "--label-words", "a,positive",
-              "--pool-size", "30", "--test-size", "20", "--icl-candidates", "20", "--batch-size", "8",
-              "--no-progress"]
-    assert main([*common, "--out", str(tmp_path / "zero")]) == 0
-    assert main([*common, "--icl", "2", "--subsets", str(tmp_path / "zero" / "subsets.json"),
-                 "--out", str(tmp_path / "icl")]) == 0
-    assert main(["acquire", "--target", str(tmp_path / "zero"), "--surrogate", str(tmp_path / "icl"),
-                 "--out", str(tmp_path / "ce"), "--runs", str(RUNS), "--size", "10", "--budget-offset", "auto", "--iid", "none",
-                 "--no-progress"]) == 0
-    summary = json.loads((tmp_path / "ce" / "summary.json").read_text())
-    assert np.load(tmp_path / "ce" / "estimates.npy").shape == (10, RUNS)
-    assert summary["iid_offset"] == 2 and summary["pool_size"] == 30
-    zero_test = json.loads((tmp_path / "zero" / "test" / "metrics.json").read_text())
-    assert summary["true_risk"] == pytest.approx(zero_test["cross_entropy"], rel=1e-9)

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxprobe.active.acquire import relative_error
-from jaxprobe.active.experiment import ExperimentConfig, format_table, run_experiment, table_rows, verdicts
-from jaxprobe.errors import UserError
+from jaxprobe.active.sweep import relative_error
+from jaxprobe.report import active_table, table_rows, verdicts
 
 
 def test_table_rows_follow_the_papers_budget_rule():
@@ -27,7 +26,7 @@ def test_table_rows_follow_the_papers_budget_rule():
     rel = relative_error(curves["cross-entropy"], curve, 50)
     per_target = {"0shot": {"offset": 50, "median_se": {"test": curves},
                             "relative_error": {"test": {"cross-entropy": rel}}}}
-    text = format_table(per_target, "test", runs=7)
+    text = active_table(per_target, "test", runs=7)
     assert "| 0shot | Unif | 50.0000 |" in text and "|  | CE (LURE) | — | 25.0000 |" in text
     (line,) = verdicts(per_target, "test")
     assert line.startswith("0shot: CE (LURE) beats iid") and "350 label budgets" in line
@@ -35,7 +34,7 @@ def test_table_rows_follow_the_papers_budget_rule():
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, tiny_ckpt):
-    from test_evaluate import write_tiny_dataset
+    from jaxprobe.testing import write_tiny_dataset
 
     root = tmp_path_factory.mktemp("experiment")
     data = write_tiny_dataset(root / "data.parquet", 100, seed=1)
@@ -104,7 +103,7 @@ def test_experiment_end_to_end_resumes_and_refuses(tiny_setup, capsys):
 
     # Other settings in the same folder: one line, nothing touched.
     assert cli.main(_argv(tiny_setup, out, "--runs", "32")) == 2
-    assert "other settings (runs)" in capsys.readouterr().err
+    assert "other settings (runs: stored 64, asked 32)" in capsys.readouterr().err
     assert _outputs(out) == after
 
 

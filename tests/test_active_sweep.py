@@ -8,8 +8,8 @@ import pytest
 from scipy import stats
 
 from jaxprobe.active import estimators as E
-from jaxprobe.active.acquire import (
-    SweepConfig, bootstrap_study, prepare_pool, relative_error, run_sweep, summarise_sweep)
+from jaxprobe.active.bootstrap import bootstrap_study
+from jaxprobe.active.sweep import SweepConfig, prepare_pool, relative_error, run_sweep, summarise_sweep
 from jaxprobe.active.sampler import PreparedPool, stream_key, sweep_chunk, sweep_with_uniforms
 from jaxprobe.errors import UserError
 

@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from jaxprobe import templates
+from jaxprobe import prompts
 from jaxprobe.data import check_binary_examples, load_split, reference_sample, reference_sample_rows
 from jaxprobe.errors import UserError
 
@@ -75,42 +75,42 @@ def test_sample_rows_are_the_numpy_permutation(imdb_train, train_sample):
 
 def test_demonstration_block_is_appendix_a(train_sample):
     demos = train_sample.select(range(5))
-    block = templates.demonstration_block(demos["text"], demos["label"])
+    block = prompts.demonstration_block(demos["text"], demos["label"])
     assert block == APPENDIX_A_BLOCK
     assert len(block.split(" ")) == 331  # spec 1.5
 
 
 def test_vector_5shot_prompts_for_train_item_0(train_sample):
-    block = templates.demonstration_block(train_sample["text"][:5], train_sample["label"][:5])
+    block = prompts.demonstration_block(train_sample["text"][:5], train_sample["label"][:5])
     text0 = train_sample["text"][0]
-    untruncated = templates.vector_5shot_untruncated_prompt(text0, block)
+    untruncated = prompts.vector_5shot_untruncated_prompt(text0, block)
     assert untruncated.startswith(APPENDIX_A_BLOCK + "Text: There is no relation at all between "
                                   "Fortier and Profiler but the fact that both are police series "
                                   "about violent crimes.")
     assert untruncated.endswith(" The acting is not superficial at all... The sentiment is")
     assert len(untruncated.split(" ")) == 459  # spec 1.5
-    faithful = templates.vector_5shot_prompt(text0, block)
+    faithful = prompts.vector_5shot_prompt(text0, block)
     assert faithful.startswith("political spoils system. There's nothing noble in that.")
     assert len(faithful.split(" ")) == 256
     assert untruncated.endswith(faithful)
-    assert templates.TEMPLATES["vector-5shot"].prompts([text0], block) == [faithful]
+    assert prompts.TEMPLATES["vector-5shot"].prompts([text0], block) == [faithful]
 
 
 def test_raw_keeps_last_256_single_space_pieces():
     words = [f"w{i}" for i in range(300)]
     text = " ".join(words[:10]) + "  " + " ".join(words[10:])  # a double space is an empty piece
-    out = templates.raw_prompt(text)
+    out = prompts.raw_prompt(text)
     assert out == " ".join(words[-256:])
     short = "a  b\nc"
-    assert templates.raw_prompt(short) == short
-    assert templates.truncate_words("a b c d", 2) == "c d"
+    assert prompts.raw_prompt(short) == short
+    assert prompts.truncate_words("a b c d", 2) == "c d"
 
 
 def test_format_template():
-    t = templates.get_template("Review: {text}\nAnswer:")
+    t = prompts.get_template("Review: {text}\nAnswer:")
     assert not t.uses_demonstrations
     assert t.prompts(["good {film}"]) == ["Review: good {film}\nAnswer:"]
-    t2 = templates.get_template("{demonstrations}Q: {text} {{A}}:")
+    t2 = prompts.get_template("{demonstrations}Q: {text} {{A}}:")
     assert t2.uses_demonstrations and t2.n_shots is None
     assert t2.render("x", "D\n") == "D\nQ: x {A}:"
 
@@ -118,14 +118,14 @@ def test_format_template():
 @pytest.mark.parametrize("bad", ["{txt}", "no field", "{text!r}", "{text:>5}", "{text"])
 def test_bad_templates_are_one_line_errors(bad):
     with pytest.raises(UserError, match="--template"):
-        templates.get_template(bad)
+        prompts.get_template(bad)
 
 
 def test_row_slice():
-    assert templates.parse_row_slice("100:105") == range(100, 105)
+    assert prompts.parse_row_slice("100:105") == range(100, 105)
     for bad in ("5", "a:b", "5:5", "-1:3"):
         with pytest.raises(UserError, match="--demonstrations-from"):
-            templates.parse_row_slice(bad)
+            prompts.parse_row_slice(bad)
 
 
 def test_check_binary_examples_names_the_row():

@@ -1,6 +1,11 @@
-"""`jaxprobe active-experiment`: the paper's SST-2 active-testing experiment in one command.
+"""The experiments, end to end: `probe-experiment` (the probing reference), `active-experiment`
+(the paper's SST-2 active testing) and `demo` (a look at the model, then both). The only place a
+model and a sweep meet; every stage is resumable: rerun the same command after an interruption.
 
-Stages (each reused on a rerun, so a killed run continues where it stopped):
+probe-experiment: extract train and test stores per template, probe them, report the best layer and
+whether prompting helps, with intervals.
+
+active-experiment stages (each reused on a rerun):
   1. `evaluate` the target zero-shot and N-shot (default 50) on one pool/test draw, and the
      surrogate N-shot on the pool (the target's own N-shot evaluation when the surrogate is the
      target model, as the paper's "LURE-7B" surrogate for its 7B-few target);
@@ -25,39 +30,137 @@ with small subsets the gap (R_pool - R_test)^2 is a floor under every method's e
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from jaxprobe.active.acquire import run_sweep, summarise_sweep
+from jaxprobe import data, prompts
 from jaxprobe.active.estimators import ACQUISITIONS, ase_estimate, mean_loss
-from jaxprobe.active.evaluate import (
-    DEFAULT_SIZES, EvaluateConfig, add_evaluate_arguments, check_same_rows, load_evaluation,
-    run_evaluate)
+from jaxprobe.active.inputs import check_same_rows, load_evaluation
+from jaxprobe.active.sweep import run_sweep, summarise_sweep
 from jaxprobe.errors import UserError
-from jaxprobe.io import load_json, save_json, save_npy, save_text
+from jaxprobe.evaluate import DEFAULT_SIZES, EvaluateConfig, run_evaluate
+from jaxprobe.extract import ExtractConfig, extract
+from jaxprobe.files import claim_folder, save_json, save_npy, save_text
+from jaxprobe.probing import RECIPES, ProbeConfig, probe
+from jaxprobe.report import (
+    METHOD_NAMES,
+    active_table,
+    finite_or_none,
+    plot_active_curves,
+    probe_experiment_report,
+    table_budgets,
+    verdicts,
+)
+from jaxprobe.sources import DEFAULT_MODEL
+
+# ---------------------------------------------------------------- probe-experiment
+
+EXPERIMENT_TEMPLATES = ("raw", "vector-5shot", "vector-5shot-untruncated")
+
+
+@dataclass(frozen=True)
+class ProbeExperimentConfig:
+    """`jaxprobe probe-experiment`: the reference experiment with seeds and intervals."""
+
+    out: str = "runs/probe-experiment"
+    model: str = DEFAULT_MODEL
+    dataset: str = "imdb"
+    train_split: str = "train"
+    test_split: str = "test"
+    n_train: int = 100
+    n_test: int = 300
+    seed: int = 42
+    templates: tuple[str, ...] = EXPERIMENT_TEMPLATES
+    demonstrations_from: str = "0:5"
+    recipes: tuple[str, ...] = RECIPES
+    seeds: int = 10
+    positions: str = "last"
+    batch_size: int = 8
+    shard_size: int = 32
+    dtype: str = "float32"
+    text_column: str = "text"
+    label_column: str = "label"
+    progress: bool = True
+
+
+def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = print) -> dict:
+    """Extract train and test stores for each template (resumable), probe them, report."""
+    from jaxprobe.runner import load_model
+
+    if data.is_single_file(cfg.dataset):
+        raise UserError(f"--dataset {cfg.dataset} is one file, so its train and test samples would "
+                        "be the same rows; run `jaxprobe extract` on a train and a test file and "
+                        "`jaxprobe probe` on the two stores instead")
+    if len(set(cfg.templates)) != len(cfg.templates):
+        raise UserError(f"--templates repeats a template: {', '.join(cfg.templates)}")
+    for t in cfg.templates:
+        prompts.get_template(t)
+    out = Path(cfg.out)
+    jobs = [(t, split, n) for t in cfg.templates
+            for split, n in ((cfg.train_split, cfg.n_train), (cfg.test_split, cfg.n_test))]
+    n_steps = len(jobs) + 1
+    log(f"probe-experiment: {cfg.model} on {cfg.dataset} ({cfg.n_train} train / {cfg.n_test} test), "
+        f"templates {', '.join(cfg.templates)}, recipes {', '.join(cfg.recipes)}, {cfg.seeds} seeds "
+        f"-> {out} (rerun the same command to resume)")
+    log(f"loading model {cfg.model} ({cfg.dtype})")
+    lm = load_model(cfg.model, dtype=cfg.dtype)
+    stores = {}
+    for step, (template, split, n) in enumerate(jobs, 1):
+        name = f"{prompts.variant_name(template)}-{split}".replace("/", "_")
+        store_dir = out / "stores" / (name if template in prompts.TEMPLATES else f"custom{step}-{split}")
+        log(f"[{step}/{n_steps}] extract {template!r} {split} ({n} texts) -> {store_dir}")
+        extract(ExtractConfig(
+            out=str(store_dir), model=cfg.model, dataset=cfg.dataset, split=split, n=n,
+            seed=cfg.seed, template=template, demonstrations_from=cfg.demonstrations_from,
+            demonstrations_split=cfg.train_split, positions=cfg.positions,
+            batch_size=cfg.batch_size, shard_size=cfg.shard_size, dtype=cfg.dtype,
+            text_column=cfg.text_column, label_column=cfg.label_column,
+            progress=cfg.progress), lm=lm, log=log)
+        stores[(template, split)] = str(store_dir)
+    log(f"[{n_steps}/{n_steps}] probe: {', '.join(cfg.recipes)} -> {out / 'probes'}")
+    names = {t: prompts.variant_name(t) for t in cfg.templates}
+    results = probe(ProbeConfig(
+        train=tuple((names[t], (stores[(t, cfg.train_split)],)) for t in cfg.templates),
+        test=tuple((names[t], (stores[(t, cfg.test_split)],)) for t in cfg.templates),
+        out=str(out / "probes"), recipes=cfg.recipes, seeds=cfg.seeds, progress=cfg.progress),
+        log=log)
+    results["experiment"] = {"model": cfg.model, "dataset": cfg.dataset, "n_train": cfg.n_train,
+                             "n_test": cfg.n_test}
+    report = probe_experiment_report(results)
+    save_text(out / "report.md", report + "\n")
+    log("")
+    log(report)
+    log(f"\nwrote {out / 'report.md'}")
+    return results
+
+
+# ---------------------------------------------------------------- active-experiment
 
 EXPERIMENT_FORMAT = "jaxprobe.active-experiment/1"
-TABLE_BUDGETS = (50, 100, 200, 300, 400)
+
+
 # Sized for about 8 minutes on 2 CPU cores with SmolLM2 (the 50-shot prompts cost ~5x a zero-shot
 # one even with the prefix cache: attention over ~1,200 cached tokens); the paper used 10k/10k.
 EXPERIMENT_SIZES = {**DEFAULT_SIZES, "pool_size": 1000, "test_size": 500}
+
+
 PAPER_SCALE = {**DEFAULT_SIZES, "pool_size": 10_000, "test_size": 10_000}
-METHOD_NAMES = {"iid": "Unif", "cross-entropy": "CE", "entropy": "Entropy", "nll": "NLL",
-                "nll-exact": "NLL (exact)", "self-entropy": "Self-entropy", "true-loss": "True loss",
-                "ase": "ASE"}
+
+
 TRUTHS = ("test", "pool")
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
+class ActiveExperimentConfig:
     """`jaxprobe active-experiment`; flags of the same names (see `--help`)."""
 
     out: str | None = None  # None: runs/active-experiment[-paper-scale]
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     surrogate_model: str | None = None  # None: the target model with `icl` examples
     icl: int = 50
     acquisitions: tuple[str, ...] = ("cross-entropy", "entropy", "nll")
@@ -100,105 +203,7 @@ class ExperimentConfig:
                 "sweep_seed": self.sweep_seed, "budget_offset": self.budget_offset, "evaluate": ev}
 
 
-# ------------------------------------------------------------------------------------ analysis
-
-
-def _finite_or_none(values: np.ndarray) -> list:
-    return [float(v) if np.isfinite(v) else None for v in values]
-
-
-def table_rows(curves: dict[str, np.ndarray], offset: int, budgets=TABLE_BUDGETS) -> list[list[str]]:
-    """One row per method of MedSE x10^4 at each total label budget; a budget B is B - offset
-    active labels for an active method (the "---" cells of the paper's zero-shot rows)."""
-    rows = []
-    for method, curve in curves.items():
-        cells = []
-        for b in budgets:
-            k = b if method in ("iid", "ase") else b - offset
-            cells.append("—" if k < 1 or k > len(curve) else f"{curve[k - 1] * 1e4:.4f}")
-        rows.append([METHOD_NAMES.get(method, method) + ("" if method in ("iid", "ase") else " (LURE)"), *cells])
-    return rows
-
-
-def table_budgets(size: int) -> tuple[int, ...]:
-    """The paper's 50/100/200/300/400 labels, or the same fractions of a smaller `size`."""
-    if size >= TABLE_BUDGETS[-1]:
-        return TABLE_BUDGETS
-    return tuple(sorted({max(1, round(size * b / TABLE_BUDGETS[-1])) for b in TABLE_BUDGETS}))
-
-
-def format_table(per_target: dict[str, dict], truth: str, runs: int, budgets=TABLE_BUDGETS) -> str:
-    header = "| Target | Method | " + " | ".join(str(b) for b in budgets) + " |"
-    lines = [f"Median squared error x10^4 over {runs} runs; true risk = {truth} loss.", "",
-             header, "|" + "---|" * (len(budgets) + 2)]
-    for target, info in per_target.items():
-        for i, row in enumerate(table_rows(info["median_se"][truth], info["offset"], budgets)):
-            lines.append(f"| {target if i == 0 else ''} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def verdicts(per_target: dict[str, dict], truth: str) -> list[str]:
-    """Per target and acquisition: the median over label budgets of the relative error vs iid
-    (the paper's summary statistic), and whether it is below 1."""
-    out = []
-    for target, info in per_target.items():
-        for method, rel in info["relative_error"][truth].items():
-            if method == "iid" or len(rel) == 0:
-                continue
-            rel = rel[np.isfinite(rel)]  # 0/0 where iid's median error is exactly 0
-            if rel.size == 0:
-                continue
-            med = float(np.median(rel))
-            wins = float(np.mean(rel < 1.0))
-            verdict = "beats iid" if med < 1.0 else "does not beat iid"
-            name = METHOD_NAMES.get(method, method) + ("" if method == "ase" else " (LURE)")
-            out.append(f"{target}: {name} {verdict} (true risk = {truth} loss): median relative error "
-                       f"{med:.3f}, lower than iid at {wins:.0%} of {len(rel)} label budgets")
-    return out
-
-
-def plot(per_target: dict[str, dict], truth: str, path_se: Path, path_rel: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def figure(kind: str, path: Path) -> None:
-        fig, axes = plt.subplots(1, len(per_target), figsize=(5.5 * len(per_target), 4), squeeze=False)
-        for ax, (target, info) in zip(axes[0], per_target.items()):
-            curves = info["median_se"][truth] if kind == "se" else info["relative_error"][truth]
-            for method, y in curves.items():
-                if kind == "rel" and method == "iid":
-                    continue
-                x = np.arange(1, len(y) + 1) + (info["offset"] if kind == "se" and method not in ("iid", "ase") else 0)
-                label = METHOD_NAMES.get(method, method)
-                ax.plot(x, y, label=label, lw=1.4, color="black" if method == "iid" else None,
-                        ls="--" if method == "ase" else "-")
-            if kind == "rel":
-                ax.axhline(1.0, color="black", lw=0.8)
-            ax.set_yscale("log")
-            ax.set_title(f"target {target}")
-            ax.set_xlabel("acquired labels" if kind == "rel" or not info["offset"]
-                          else f"labels (active methods: + {info['offset']} ICL examples)")
-            ax.set_ylabel("median squared error" if kind == "se" else "MedSE active / MedSE iid")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"true risk = {truth} loss", fontsize=10)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        tmp.replace(path)
-
-    figure("se", path_se)
-    figure("rel", path_rel)
-
-
-# ------------------------------------------------------------------------------------ stages
-
-
-def _sweep(target, surrogate, *, acquisition: str, config: ExperimentConfig, true_risk: float,
+def _sweep(target, surrogate, *, acquisition: str, config: ActiveExperimentConfig, true_risk: float,
            folder: Path) -> np.ndarray:
     """estimates [size, runs] of one acquisition with LURE (iid: the plain mean, as `acquire`'s
     baseline), from `folder` if already finished; a killed sweep resumes from its checkpoint."""
@@ -216,7 +221,7 @@ def _sweep(target, surrogate, *, acquisition: str, config: ExperimentConfig, tru
     return estimates
 
 
-def _check_config(config: ExperimentConfig) -> None:
+def _check_config(config: ActiveExperimentConfig) -> None:
     if config.runs < 1:
         raise UserError(f"--runs must be at least 1, not {config.runs}")
     if config.size < 1:
@@ -238,21 +243,15 @@ def _check_config(config: ExperimentConfig) -> None:
         raise UserError("--test-size 0: the experiment needs a test subset for the true risk")
 
 
-def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
+def active_experiment(config: ActiveExperimentConfig, *, log=print) -> dict:
     _check_config(config)
     out = config.out_dir
     settings = config.settings()
-    if (out / "experiment.json").is_file():
-        old = load_json(out / "experiment.json")
-        if old.get("settings") != settings:
-            changed = [k for k in settings if old.get("settings", {}).get(k) != settings[k]]
-            raise UserError(f"--out {out} holds an experiment with other settings ({', '.join(changed)}); "
-                            f"use a new --out")
-        log(f"continuing the experiment in {out}")
-    elif out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} already holds other files; give a new or empty folder")
-    else:
+    if claim_folder(out, "experiment.json", settings, what="an active-testing experiment",
+                    format=EXPERIMENT_FORMAT) is None:
         save_json(out / "experiment.json", {"format": EXPERIMENT_FORMAT, "settings": settings})
+    else:
+        log(f"continuing the experiment in {out}")
 
     evaluations = _run_evaluations(config, out, log)
     surrogate = evaluations.pop("surrogate")
@@ -284,16 +283,16 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     return _report(config, out, per_target, log)
 
 
-def _run_evaluations(config: ExperimentConfig, out: Path, log) -> dict:
+def _run_evaluations(config: ActiveExperimentConfig, out: Path, log) -> dict:
     """Evaluate target zero-/N-shot and the surrogate; returns {"surrogate": pool Evaluation,
     target name: (folder, budget offset)}."""
-    import jaxprobe
+    from jaxprobe.runner import load_model
 
     base = config.resolved_evaluate
     folders = {"0shot": out / "evaluations" / "target-0shot",
                f"{config.icl}shot": out / "evaluations" / f"target-{config.icl}shot"}
     log(f"loading {config.model}")
-    lm = jaxprobe.load_model(config.model, dtype=base.dtype)
+    lm = load_model(config.model, dtype=base.dtype)
     zero = dataclasses.replace(base, out=str(folders["0shot"]), model=config.model, icl=0)
     run_evaluate(zero, lm=lm, log=log)
     same_rows = dict(pool_size=None, test_size=None, icl_candidates=None, seed=None,
@@ -305,7 +304,7 @@ def _run_evaluations(config: ExperimentConfig, out: Path, log) -> dict:
     if config.surrogate_model is not None:
         surrogate_folder = out / "evaluations" / f"surrogate-{config.icl}shot"
         del lm
-        lm = jaxprobe.load_model(config.surrogate_model, dtype=base.dtype)
+        lm = load_model(config.surrogate_model, dtype=base.dtype)
         run_evaluate(dataclasses.replace(few, out=str(surrogate_folder), model=config.surrogate_model),
                      lm=lm, log=log)
     surrogate = load_evaluation(surrogate_folder, "pool", flag="surrogate")
@@ -313,8 +312,8 @@ def _run_evaluations(config: ExperimentConfig, out: Path, log) -> dict:
             f"{config.icl}shot": (folders[f"{config.icl}shot"], 0)}
 
 
-def _report(config: ExperimentConfig, out: Path, per_target: dict, log) -> dict:
-    tables = {truth: format_table(per_target, truth, config.runs, table_budgets(config.size)) for truth in TRUTHS}
+def _report(config: ActiveExperimentConfig, out: Path, per_target: dict, log) -> dict:
+    tables = {truth: active_table(per_target, truth, config.runs, table_budgets(config.size)) for truth in TRUTHS}
     offset_note = (f"Zero-shot target: active methods at a budget of B labels used B - {config.icl} "
                    f"acquired labels (the surrogate already used {config.icl} in-context examples), "
                    f"as in the paper; '—' where that is none.\n") if config.budget_offset else ""
@@ -325,12 +324,12 @@ def _report(config: ExperimentConfig, out: Path, per_target: dict, log) -> dict:
             + "Floor of the test-truth error, (R_pool - R_test)^2 x10^4: "
             + ", ".join(f"{t} {v * 1e4:.4f}" for t, v in floor.items()) + "\n")
     save_text(out / "table.md", text)
-    plot(per_target, "test", out / "squared_error.png", out / "relative_error.png")
+    plot_active_curves(per_target, "test", out / "squared_error.png", out / "relative_error.png")
     lines = {truth: verdicts(per_target, truth) for truth in TRUTHS}
     results = {"format": EXPERIMENT_FORMAT, "settings": config.settings(), "targets": {
         t: {"true_risk": info["true_risk"], "accuracy": info["accuracy"], "budget_offset": info["offset"],
-            "median_se": {tr: {m: _finite_or_none(c) for m, c in info["median_se"][tr].items()} for tr in TRUTHS},
-            "relative_error": {tr: {m: _finite_or_none(c) for m, c in info["relative_error"][tr].items()}
+            "median_se": {tr: {m: finite_or_none(c) for m, c in info["median_se"][tr].items()} for tr in TRUTHS},
+            "relative_error": {tr: {m: finite_or_none(c) for m, c in info["relative_error"][tr].items()}
                                for tr in TRUTHS},
             "median_relative_error": {tr: {m: float(np.median(c[np.isfinite(c)]))
                                            for m, c in info["relative_error"][tr].items() if np.isfinite(c).any()}
@@ -348,57 +347,27 @@ def _report(config: ExperimentConfig, out: Path, per_target: dict, log) -> dict:
     return results
 
 
-# ------------------------------------------------------------------------------------ CLI
+# ---------------------------------------------------------------- demo
+
+SENTENCES = [
+    "The capital of France is",
+    "I loved this movie: the acting was wonderful and the story moving. Sentiment:",
+    "I hated this movie: the acting was wooden and the plot dull. Sentiment:",
+]
 
 
-def _acquisitions(value: str) -> tuple[str, ...]:
-    return tuple(a.strip() for a in value.split(",") if a.strip())
+def run_demo(model: str = DEFAULT_MODEL, top_k: int = 5) -> None:
+    from jaxprobe.runner import load_model
 
-
-def add_experiment_command(subparsers) -> argparse.ArgumentParser:
-    d = ExperimentConfig
-    parser = subparsers.add_parser(
-        "active-experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="the paper's SST-2 active-testing experiment in one command (evaluate + sweeps + table)",
-        description="Target zero-shot and N-shot, surrogate N-shot, acquisitions vs iid with LURE, "
-                    "and ASE; writes the paper's table (median squared error x10^4 at "
-                    "50/100/200/300/400 labels), squared_error.png, relative_error.png and "
-                    "results.json, and says whether each acquisition beats iid. Rerun the same "
-                    "command to resume: every finished stage is reused.",
-        epilog="example:\n  jaxprobe active-experiment                 # pool 1,000 / test 500, SmolLM2\n"
-               "  jaxprobe active-experiment --paper-scale   # the paper's 10,000/10,000")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: runs/active-experiment, or "
-                             "runs/active-experiment-paper-scale with --paper-scale)")
-    parser.add_argument("--model", default=d.model, help="target model (default: %(default)s)")
-    parser.add_argument("--surrogate-model", default=None,
-                        help="surrogate model, run with --icl examples (default: the target model)")
-    parser.add_argument("--icl", type=int, default=d.icl,
-                        help="in-context examples of the few-shot target and the surrogate (default: %(default)s)")
-    parser.add_argument("--acquisitions", type=_acquisitions, default=d.acquisitions, metavar="A,B,...",
-                        help="compared with iid (default: %s)" % ",".join(d.acquisitions))
-    parser.add_argument("--no-ase", dest="ase", action="store_false", help="leave out the ASE estimate")
-    parser.add_argument("--runs", type=int, default=d.runs, help="runs per sweep (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=d.size, help="labels acquired per run (default: %(default)s)")
-    parser.add_argument("--clip", type=float, default=d.clip,
-                        help="proposal floor as a fraction of uniform, in [0, 1) (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=None, help="surrogate temperature (default: none)")
-    parser.add_argument("--sweep-seed", type=int, default=d.sweep_seed, help="(default: %(default)s)")
-    parser.add_argument("--no-budget-offset", dest="budget_offset", action="store_false",
-                        help="compare a zero-shot target's k active labels with k uniform ones, not "
-                             "with icl + k (the paper's rule)")
-    parser.add_argument("--paper-scale", action="store_true",
-                        help="pool 10,000 / test 10,000 as in the paper (hours on a CPU)")
-    add_evaluate_arguments(parser, sizes=EXPERIMENT_SIZES)
-    parser.set_defaults(func=_experiment_command)
-    return parser
-
-
-def _experiment_command(args: argparse.Namespace) -> int:
-    ev_fields = {f.name for f in dataclasses.fields(EvaluateConfig)}
-    evaluate = EvaluateConfig(out="", **{k: v for k, v in vars(args).items()
-                                         if k in ev_fields and k not in ("out", "model", "icl")})
-    ex_fields = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"evaluate"}
-    config = ExperimentConfig(evaluate=evaluate, **{k: v for k, v in vars(args).items() if k in ex_fields})
-    run_experiment(config)
-    return 0
+    lm = load_model(model)
+    print(f"model {lm.name}: {lm.config.n_layers} layers, d_model {lm.config.d_model}, "
+          f"{lm.config.n_params:,} parameters, fingerprint {lm.fingerprint}")
+    out = lm.run(SENTENCES, activations=True, all_logits=True)
+    norms = np.linalg.norm(out["activations"], axis=-1)  # [n, L+1]
+    for text, logits, layer_norms in zip(SENTENCES, out["logits"], norms):
+        top = np.argsort(-logits)[:top_k]
+        probs = np.exp(logits[top] - logits.max()) / np.exp(logits - logits.max()).sum()
+        print(f"\n{text!r}")
+        print("  next token: " + ", ".join(f"{lm.tokenizer.decode([t])!r} {p:.2f}" for t, p in zip(top, probs)))
+        print("  |resid| by hook point (embed, blocks.0 .. blocks.%d):" % (lm.config.n_layers - 1))
+        print("  " + " ".join(f"{x:.0f}" for x in layer_norms))

@@ -86,7 +86,7 @@ def test_probe_writes_results_and_resumes(stores, tmp_path, capsys):
     assert "done before" in capsys.readouterr().out
     assert (out / "results.json").read_bytes() == before
     assert main(probe_args(stores, out, "--seeds", "2")) == 2  # other settings: refused
-    assert "holds probe results made with different settings (seeds differ)" in capsys.readouterr().err
+    assert "holds probe results made with other settings (seeds: stored 3, asked 2)" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
 
 

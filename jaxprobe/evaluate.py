@@ -22,7 +22,7 @@ Output folder (`--out DIR`); what `jaxprobe acquire` reads:
 "pool")` to read one subset with every check done (finite logits, labels in range, shapes), and
 `check_same_rows(a, b)` to refuse a target and surrogate evaluated on different rows or orders.
 
-Resuming: logits are written to `DIR/<subset>/shards/logits-NNNNN.npy` in fixed-size shards of
+Resuming: logits are written to `DIR/<subset>/shards/part-NNNNN.npy` in fixed-size shards of
 input rows (`--shard-size`) as they finish; a rerun of the same command skips finished shards, and
 the final arrays are bit-identical to an uninterrupted run (each shard is the same batch of work
 either way). A folder made with different settings is refused, never overwritten.
@@ -30,25 +30,37 @@ either way). A folder made with different settings is refused, never overwritten
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from jaxprobe.active.prompts import (
-    ICL_SELECTIONS, MULTI_TOKEN_POLICIES, SST2_LABEL_WORDS, build_prompts, default_instruction,
-    resolve_label_tokens, select_icl_examples)
+from jaxprobe.active.estimators import label_metrics
+from jaxprobe.active.inputs import EVALUATION_FORMAT
 from jaxprobe.errors import UserError
-from jaxprobe.io import load_json, save_json, save_npy
+from jaxprobe.files import ShardedArrayWriter, claim_folder, load_json, save_json, save_npy
+from jaxprobe.prompts import (
+    ICL_SELECTIONS,
+    MULTI_TOKEN_POLICIES,
+    SST2_LABEL_WORDS,
+    build_prompts,
+    default_instruction,
+    resolve_label_tokens,
+    select_icl_examples,
+)
+from jaxprobe.sources import DEFAULT_MODEL
 
 SUBSETS_FORMAT = "jaxprobe.subsets/1"
-EVALUATION_FORMAT = "jaxprobe.evaluation/1"
+
+
 SUBSET_NAMES = ("pool", "test")  # the evaluated subsets
+
+
 SUBSET_ROLES = ("pool", "test", "icl_candidates")
+
+
 DEFAULT_SIZES = {"pool_size": 2000, "test_size": 1000, "icl_candidates": 500, "seed": 0}
 
 
@@ -57,7 +69,7 @@ class EvaluateConfig:
     """Everything `jaxprobe evaluate` needs; the CLI flags are these fields (see `--help`)."""
 
     out: str
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     dataset: str = "sst2"
     split: str = "train"
     text_column: str = "text"
@@ -83,9 +95,6 @@ class EvaluateConfig:
     @property
     def resolved_instruction(self) -> str:
         return default_instruction(self.label_words) if self.instruction is None else self.instruction
-
-
-# ------------------------------------------------------------------------------------ subsets
 
 
 def draw_subsets(n_rows: int, *, pool_size: int, test_size: int, icl_candidates: int,
@@ -226,102 +235,6 @@ def make_or_load_subsets(config: EvaluateConfig, split: LabelledSplit) -> dict:
     return record
 
 
-# ------------------------------------------------------------------------------------ metrics
-
-
-def label_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """Accuracy and mean cross-entropy over the K label logits (spec 2.3), computed in float64."""
-    z = np.asarray(logits, np.float64)
-    log_probs = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
-    losses = -log_probs[np.arange(len(labels)), labels]
-    predicted = np.argmax(z, axis=1)
-    k = z.shape[1]
-    return {"n": int(len(labels)), "accuracy": float(np.mean(predicted == labels)),
-            "cross_entropy": float(np.mean(losses)),
-            "label_counts": np.bincount(labels, minlength=k).tolist(),
-            "predicted_counts": np.bincount(predicted, minlength=k).tolist()}
-
-
-# ------------------------------------------------------------------------------------ reading
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluation:
-    """One finished subset of an evaluate folder."""
-
-    directory: Path
-    subset: str
-    logits: np.ndarray   # float32 [N, K]
-    labels: np.ndarray   # int64 [N]
-    indices: np.ndarray  # int64 [N], rows of the source split
-    meta: dict
-    metrics: dict
-
-    @property
-    def n_classes(self) -> int:
-        return self.logits.shape[1]
-
-
-def load_evaluation(directory: str | Path, subset: str = "pool", *, flag: str = "--target") -> Evaluation:
-    """Read `directory/<subset>` with every check a consumer needs; errors name `flag` and the file."""
-    directory = Path(directory)
-    meta_path, sub = directory / "meta.json", directory / subset
-    if not meta_path.is_file():
-        raise UserError(f"{flag} {directory}: no meta.json; not a folder written by jaxprobe evaluate")
-    try:
-        meta = load_json(meta_path)
-    except ValueError as e:
-        raise UserError(f"{flag} {meta_path}: not valid JSON ({e})") from None
-    if not (sub / "metrics.json").is_file():
-        what = "has no test subset (evaluated with --test-size 0)" if (
-            subset == "test" and meta.get("sizes", {}).get("test_size") == 0) else "is not finished"
-        raise UserError(f"{flag} {directory}: {subset} {what}; rerun its jaxprobe evaluate command")
-    try:
-        logits = np.load(sub / "logits.npy", allow_pickle=False)
-        labels = np.load(sub / "labels.npy", allow_pickle=False)
-        indices = np.load(sub / "indices.npy", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {sub}: cannot read its arrays ({e})") from None
-    name = f"{flag} {sub / 'logits.npy'}"
-    if logits.ndim != 2 or logits.shape[1] < 2 or logits.dtype.kind != "f":
-        raise UserError(f"{name}: expected float logits [N, K>=2], got {logits.dtype} {logits.shape}")
-    bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
-    if bad.size:
-        raise UserError(f"{name}: row {bad[0]} has a NaN or infinite logit ({logits[bad[0]].tolist()})")
-    if labels.shape != (len(logits),) or indices.shape != (len(logits),):
-        raise UserError(f"{flag} {sub}: labels.npy {labels.shape} / indices.npy {indices.shape} do not "
-                        f"match logits.npy's {len(logits)} rows")
-    if labels.dtype.kind not in "iu":
-        raise UserError(f"{flag} {sub / 'labels.npy'}: labels must be integers, not {labels.dtype}")
-    out_of_range = np.flatnonzero((labels < 0) | (labels >= logits.shape[1]))
-    if out_of_range.size:
-        i = out_of_range[0]
-        raise UserError(f"{flag} {sub / 'labels.npy'}: row {i} has label {labels[i]}, outside "
-                        f"0..{logits.shape[1] - 1} for K={logits.shape[1]} logits")
-    return Evaluation(directory, subset, logits.astype(np.float32, copy=False), labels.astype(np.int64),
-                      indices.astype(np.int64), meta, load_json(sub / "metrics.json"))
-
-
-def check_same_rows(a: Evaluation, b: Evaluation, names: tuple[str, str] = ("--target", "--surrogate")) -> None:
-    """Refuse two evaluations that are not on the same rows in the same order with the same K."""
-    where = f"{names[0]} {a.directory} and {names[1]} {b.directory}"
-    if a.n_classes != b.n_classes:
-        raise UserError(f"{where} have different numbers of classes (K={a.n_classes} vs K={b.n_classes})")
-    if a.meta.get("label_words") != b.meta.get("label_words"):
-        raise UserError(f"{where} use different label words ({a.meta.get('label_words')} vs "
-                        f"{b.meta.get('label_words')})")
-    if len(a.indices) != len(b.indices) or set(a.indices.tolist()) != set(b.indices.tolist()):
-        raise UserError(f"{where} were evaluated on different {a.subset} rows (evaluate the second "
-                        f"with --subsets {a.directory / 'subsets.json'})")
-    if not np.array_equal(a.indices, b.indices):
-        raise UserError(f"{where} hold the same {a.subset} rows in a different order")
-    if not np.array_equal(a.labels, b.labels):
-        raise UserError(f"{where} have different labels for the same {a.subset} rows")
-
-
-# ------------------------------------------------------------------------------------ running
-
-
 def _settings(config: EvaluateConfig, subsets: dict, lm, label_token_ids: list[int],
               icl_rows: np.ndarray) -> dict:
     """What decides the numbers in an evaluate folder; a rerun must agree on all of it."""
@@ -331,36 +244,8 @@ def _settings(config: EvaluateConfig, subsets: dict, lm, label_token_ids: list[i
             "label_token_ids": label_token_ids, "answer_word": config.answer_word,
             "instruction": config.resolved_instruction, "icl": config.icl,
             "icl_selection": config.icl_selection, "icl_seed": config.icl_seed,
-            "icl_rows": icl_rows.tolist(), "dtype": config.dtype, "shard_size": config.shard_size}
-
-
-def _describe_difference(old: dict, new: dict) -> str:
-    keys = [k for k in [*new, *(k for k in old if k not in new)] if old.get(k) != new.get(k)]
-    k = keys[0]
-
-    def shorten(value) -> str:
-        text = repr(value)
-        return text[:60] + "..." if len(text) > 60 else text
-
-    return f"{k}: {shorten(old.get(k))} there vs {shorten(new.get(k))} now" + (
-        f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
-
-
-def _check_out_dir(out: Path) -> dict | None:
-    """The existing meta.json of `out`, None for a new or empty folder; refuses anything else."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    if (out / "meta.json").is_file():
-        try:
-            meta = load_json(out / "meta.json")
-        except ValueError:
-            meta = None
-        if not isinstance(meta, dict) or meta.get("format") != EVALUATION_FORMAT:
-            raise UserError(f"--out {out} holds a meta.json that jaxprobe evaluate did not write")
-        return meta
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} already holds other files; give a new or empty folder")
-    return None
+            "icl_rows": icl_rows.tolist(), "dtype": config.dtype, "shard_size": config.shard_size,
+            "batch_size": config.batch_size}  # a batch's padding moves logits by ~1e-5
 
 
 def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
@@ -373,7 +258,8 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     if config.multi_token_labels not in MULTI_TOKEN_POLICIES:
         raise UserError(f"--multi-token-labels must be one of {', '.join(MULTI_TOKEN_POLICIES)}")
     out = Path(config.out)
-    existing = _check_out_dir(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
 
     split = LabelledSplit(config)
     subsets = make_or_load_subsets(config, split)
@@ -386,9 +272,9 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
                     for text, label in zip(split.texts(icl_rows), split.labels(icl_rows))]
 
     if lm is None:
-        import jaxprobe
+        from jaxprobe.runner import load_model
 
-        lm = jaxprobe.load_model(config.model, dtype=config.dtype)
+        lm = load_model(config.model, dtype=config.dtype)
     rows = {name: subset_rows(subsets, name) for name in SUBSET_NAMES if len(subsets["rows"][name])}
     prompts = {name: build_prompts(split.texts(r), instruction=config.resolved_instruction,
                                    answer_word=config.answer_word, examples=icl_examples)
@@ -397,12 +283,8 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     label_token_ids = resolve_label_tokens(lm.tokenize, prompts["pool"][0], config.label_words,
                                            multi_token=config.multi_token_labels, decode=decode)
     settings = _settings(config, subsets, lm, label_token_ids, icl_rows)
-    if existing is not None and existing["settings"] != settings:
-        raise UserError(f"--out {out} was made with different settings "
-                        f"({_describe_difference(existing['settings'], settings)}); use a new --out")
-    if existing is None:
-        save_json(out / "subsets.json", {k_: v for k_, v in subsets.items() if k_ != "subsets_id"})
-        save_json(out / "meta.json", {
+    if claim_folder(out, "meta.json", settings, what="an evaluation", format=EVALUATION_FORMAT) is None:
+        save_json(out / "meta.json", {  # first: it names the folder's settings
             "format": EVALUATION_FORMAT, "model": {"name": lm.name, "source": str(config.model),
                                                    "fingerprint": lm.fingerprint},
             "dataset": config.dataset, "split": config.split, "subsets_id": subsets["subsets_id"],
@@ -415,6 +297,8 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
             "icl": {"n": config.icl, "selection": config.icl_selection, "seed": config.icl_seed,
                     "rows": icl_rows.tolist(), "labels": [w for _, w in icl_examples]},
             "example_prompt": prompts["pool"][0], "settings": settings})
+    if not (out / "subsets.json").is_file():
+        save_json(out / "subsets.json", {k_: v for k_, v in subsets.items() if k_ != "subsets_id"})
 
     todo = [name for name in rows if not (out / name / "metrics.json").is_file()]
     if todo:
@@ -424,7 +308,7 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
         _evaluate_shards(lm, {n: prompts[n] for n in todo}, out, config=config,
                          label_token_ids=label_token_ids, prefix=prefix, rows=rows)
         for name in todo:
-            _finish_subset(out / name, rows[name], split.labels(rows[name]), config.shard_size,
+            _finish_subset(out / name, rows[name], split.labels(rows[name]), k, config.shard_size,
                            extra={"prefix_tokens_cached": len(prefix)})
     for name in rows:
         m = load_json(out / name / "metrics.json")
@@ -433,148 +317,37 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     return out
 
 
-def _shard_path(subset_dir: Path, index: int) -> Path:
-    return subset_dir / "shards" / f"logits-{index:05d}.npy"
-
-
 def _evaluate_shards(lm, prompts: dict[str, list[str]], out: Path, *, config: EvaluateConfig,
                      label_token_ids: list[int], prefix: list[int], rows: dict) -> None:
     from tqdm.auto import tqdm
 
-    work = []  # (subset, shard index, first row, end row) still to do
-    done_rows = 0
-    for name, texts in prompts.items():
-        for index, start in enumerate(range(0, len(texts), config.shard_size)):
-            end = min(start + config.shard_size, len(texts))
-            if _shard_path(out / name, index).is_file():
-                done_rows += end - start
-            else:
-                work.append((name, index, start, end))
+    writers = {name: ShardedArrayWriter(out / name, len(texts), (len(label_token_ids),), config.shard_size)
+               for name, texts in prompts.items()}
+    work = [(name, index) for name, writer in writers.items() for index in writer.pending()]
     total = sum(len(t) for t in prompts.values())
+    done_rows = total - sum(writers[name].slices[index].stop - writers[name].slices[index].start
+                            for name, index in work)
     if done_rows:
         print(f"resuming {out}: {done_rows} of {total} prompts already done", file=sys.stderr)
     bar = tqdm(total=total, initial=done_rows, desc=f"evaluate {Path(config.out).name}", unit="prompt",
                disable=not config.progress, dynamic_ncols=True)
-    for name, index, start, end in work:
-        logits = lm.logits(prompts[name][start:end], token_ids=label_token_ids, prefix_tokens=prefix,
+    for name, index in work:
+        part = writers[name].slices[index]
+        logits = lm.logits(prompts[name][part], token_ids=label_token_ids, prefix_tokens=prefix,
                            batch_size=config.batch_size)
         bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
         if bad.size:
             raise UserError(f"{config.model} gave a NaN or infinite logit for {name} row "
-                            f"{rows[name][start + bad[0]]} of {config.dataset}; try --dtype float32")
-        save_npy(_shard_path(out / name, index), logits.astype(np.float32))
-        bar.update(end - start)
+                            f"{rows[name][part.start + bad[0]]} of {config.dataset}; try --dtype float32")
+        writers[name].write(index, logits)
+        bar.update(part.stop - part.start)
     bar.close()
 
 
-def _finish_subset(subset_dir: Path, rows: np.ndarray, labels: np.ndarray, shard_size: int,
+def _finish_subset(subset_dir: Path, rows: np.ndarray, labels: np.ndarray, n_classes: int, shard_size: int,
                    extra: dict) -> None:
-    n_shards = -(-len(rows) // shard_size)
-    logits = np.concatenate([np.load(_shard_path(subset_dir, i), allow_pickle=False) for i in range(n_shards)])
-    if logits.shape[0] != len(rows):
-        raise UserError(f"{subset_dir}/shards hold {logits.shape[0]} rows, expected {len(rows)}; "
-                        f"the folder was changed by hand: use a new --out")
-    save_npy(subset_dir / "logits.npy", logits)
+    ShardedArrayWriter(subset_dir, len(rows), (n_classes,), shard_size).merge(subset_dir / "logits.npy")
+    logits = np.load(subset_dir / "logits.npy", allow_pickle=False)
     save_npy(subset_dir / "labels.npy", labels)
     save_npy(subset_dir / "indices.npy", rows)
     save_json(subset_dir / "metrics.json", {**label_metrics(logits, labels), **extra})
-    shutil.rmtree(subset_dir / "shards")  # its rows now live in logits.npy
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-
-def _words(value: str) -> tuple[str, ...]:
-    words = tuple(w.strip() for w in value.split(","))
-    if any(not w for w in words):
-        raise argparse.ArgumentTypeError(f"expected comma-separated words, got {value!r}")
-    return words
-
-
-def _unescape(value: str) -> str:
-    # Shells make a real newline awkward to type; "\n" in the flag means one.
-    return value.replace("\\n", "\n")
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAULT_SIZES) -> None:
-    """The data/prompt/subset flags shared by `evaluate` and `active-experiment` (`sizes`: the
-    defaults the help shows for the subset flags left out)."""
-    d = EvaluateConfig
-    g = parser.add_argument_group("data and prompt")
-    g.add_argument("--dataset", default=d.dataset,
-                   help="built-in name (sst2, imdb), a local .csv/.json/.parquet file, or any "
-                        "datasets.load_dataset name (default: %(default)s)")
-    g.add_argument("--split", default=d.split, help="split to draw the subsets from (default: %(default)s)")
-    g.add_argument("--text-column", default=d.text_column, help="(default: %(default)s)")
-    g.add_argument("--label-column", default=d.label_column,
-                   help="integer class ids 0..K-1, or strings equal to the label words (default: %(default)s)")
-    g.add_argument("--label-words", type=_words, default=d.label_words, metavar="W0,W1,...",
-                   help="one word per class, in class-id order; each must be one token after the "
-                        "prompt (default: %s)" % ",".join(d.label_words))
-    g.add_argument("--answer-word", default=d.answer_word,
-                   help="the word before the colon the label follows (default: %(default)s)")
-    g.add_argument("--instruction", type=_unescape, default=None,
-                   help=r"text before the examples; '\n' means a newline (default: the paper's SST-2 "
-                        "instruction for negative,positive, else a generic one over the label words)")
-    g.add_argument("--multi-token-labels", choices=MULTI_TOKEN_POLICIES, default=d.multi_token_labels,
-                   help="a label word that is several tokens: refuse it (error) or read its first "
-                        "token, as the paper did for Subj (default: %(default)s)")
-    g.add_argument("--icl-selection", choices=ICL_SELECTIONS, default=d.icl_selection,
-                   help="in-context examples per class in proportion to the candidates' classes, "
-                        "in one random order (the paper), or a plain random choice (the reference "
-                        "code) (default: %(default)s)")
-    g.add_argument("--icl-seed", type=int, default=d.icl_seed, help="(default: %(default)s)")
-    s = parser.add_argument_group("subsets (disjoint, seeded, saved as row indices)")
-    s.add_argument("--pool-size", type=int, default=None,
-                   help="rows the acquisition draws from (default: %d)" % sizes["pool_size"])
-    s.add_argument("--test-size", type=int, default=None,
-                   help="held-out rows for the true risk; 0 for none (default: %d)" % sizes["test_size"])
-    s.add_argument("--icl-candidates", type=int, default=None,
-                   help="rows in-context examples are chosen from (default: %d)" % sizes["icl_candidates"])
-    s.add_argument("--seed", type=int, default=None,
-                   help="seed of the subset draw (default: %d)" % sizes["seed"])
-    s.add_argument("--subsets", default=None, metavar="FILE",
-                   help="reuse the subsets of an earlier evaluate (its subsets.json or its folder), "
-                        "so every model sees the same rows; checked against the data")
-    r = parser.add_argument_group("running")
-    r.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="prompts per forward pass at the longest prompts; shorter ones share batches of up to "
-                        "as many tokens (default: %(default)s)")
-    r.add_argument("--shard-size", type=int, default=d.shard_size,
-                   help="prompts per saved shard: the unit a killed run resumes from (default: %(default)s)")
-    r.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help="(default: %(default)s)")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
-    fields = {f.name for f in dataclasses.fields(EvaluateConfig)}
-    return EvaluateConfig(**{k: v for k, v in vars(args).items() if k in fields})
-
-
-def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="a model's label-token logits on seeded pool/test subsets (active testing, step 1)",
-        description="Run a model over the pool and test subsets of a classification set and save "
-                    "its logits at the K label tokens (one forward pass per batch; the shared "
-                    "in-context prefix is computed once).\n\n"
-                    "Prompt: {instruction}[N x \"Sentence: '{s}' \\n{Answer}: {label}\\n\\n\"]"
-                    "Sentence: '{s}' \\n{Answer}:\n\n"
-                    "Writes OUT/meta.json, OUT/subsets.json and, for pool and test, logits.npy [N, K] "
-                    "float32, labels.npy, indices.npy and metrics.json. Rerun the same command to "
-                    "resume; a folder made with other settings is refused.",
-        epilog="example:\n  jaxprobe evaluate --out runs/zero\n"
-               "  jaxprobe evaluate --icl 50 --subsets runs/zero --out runs/icl50")
-    parser.add_argument("--out", required=True, help="output folder (new, empty, or an unfinished run to resume)")
-    parser.add_argument("--model", default=EvaluateConfig.model,
-                        help="converted checkpoint, HF folder, .gguf file or smollm2-135m (default: %(default)s)")
-    parser.add_argument("--icl", type=int, default=0, metavar="N",
-                        help="in-context examples before each query (paper: 50; default: %(default)s)")
-    add_evaluate_arguments(parser)
-    parser.set_defaults(func=_evaluate_command)
-    return parser
-
-
-def _evaluate_command(args: argparse.Namespace) -> int:
-    run_evaluate(config_from_args(args))
-    return 0

@@ -1,0 +1,92 @@
+"""Reading `jaxprobe evaluate` folders into checked arrays (docs/formats.md has the layout): the
+one place active testing meets files another command wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from jaxprobe.errors import UserError
+from jaxprobe.files import load_json
+
+EVALUATION_FORMAT = "jaxprobe.evaluation/1"
+
+
+SUBSET_NAMES = ("pool", "test")  # the evaluated subsets
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One finished subset of an evaluate folder."""
+
+    directory: Path
+    subset: str
+    logits: np.ndarray   # float32 [N, K]
+    labels: np.ndarray   # int64 [N]
+    indices: np.ndarray  # int64 [N], rows of the source split
+    meta: dict
+    metrics: dict
+
+    @property
+    def n_classes(self) -> int:
+        return self.logits.shape[1]
+
+
+def load_evaluation(directory: str | Path, subset: str = "pool", *, flag: str = "--target") -> Evaluation:
+    """Read `directory/<subset>` with every check a consumer needs; errors name `flag` and the file."""
+    directory = Path(directory)
+    meta_path, sub = directory / "meta.json", directory / subset
+    if not meta_path.is_file():
+        raise UserError(f"{flag} {directory}: no meta.json; not a folder written by jaxprobe evaluate")
+    try:
+        meta = load_json(meta_path)
+    except ValueError as e:
+        raise UserError(f"{flag} {meta_path}: not valid JSON ({e})") from None
+    if not (sub / "metrics.json").is_file():
+        what = "has no test subset (evaluated with --test-size 0)" if (
+            subset == "test" and meta.get("sizes", {}).get("test_size") == 0) else "is not finished"
+        raise UserError(f"{flag} {directory}: {subset} {what}; rerun its jaxprobe evaluate command")
+    try:
+        logits = np.load(sub / "logits.npy", allow_pickle=False)
+        labels = np.load(sub / "labels.npy", allow_pickle=False)
+        indices = np.load(sub / "indices.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {sub}: cannot read its arrays ({e})") from None
+    name = f"{flag} {sub / 'logits.npy'}"
+    if logits.ndim != 2 or logits.shape[1] < 2 or logits.dtype.kind != "f":
+        raise UserError(f"{name}: expected float logits [N, K>=2], got {logits.dtype} {logits.shape}")
+    bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+    if bad.size:
+        raise UserError(f"{name}: row {bad[0]} has a NaN or infinite logit ({logits[bad[0]].tolist()})")
+    if labels.shape != (len(logits),) or indices.shape != (len(logits),):
+        raise UserError(f"{flag} {sub}: labels.npy {labels.shape} / indices.npy {indices.shape} do not "
+                        f"match logits.npy's {len(logits)} rows")
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"{flag} {sub / 'labels.npy'}: labels must be integers, not {labels.dtype}")
+    out_of_range = np.flatnonzero((labels < 0) | (labels >= logits.shape[1]))
+    if out_of_range.size:
+        i = out_of_range[0]
+        raise UserError(f"{flag} {sub / 'labels.npy'}: row {i} has label {labels[i]}, outside "
+                        f"0..{logits.shape[1] - 1} for K={logits.shape[1]} logits")
+    return Evaluation(directory, subset, logits.astype(np.float32, copy=False), labels.astype(np.int64),
+                      indices.astype(np.int64), meta, load_json(sub / "metrics.json"))
+
+
+def check_same_rows(a: Evaluation, b: Evaluation, names: tuple[str, str] = ("--target", "--surrogate")) -> None:
+    """Refuse two evaluations that are not on the same rows in the same order with the same K."""
+    where = f"{names[0]} {a.directory} and {names[1]} {b.directory}"
+    if a.n_classes != b.n_classes:
+        raise UserError(f"{where} have different numbers of classes (K={a.n_classes} vs K={b.n_classes})")
+    if a.meta.get("label_words") != b.meta.get("label_words"):
+        raise UserError(f"{where} use different label words ({a.meta.get('label_words')} vs "
+                        f"{b.meta.get('label_words')})")
+    if len(a.indices) != len(b.indices) or set(a.indices.tolist()) != set(b.indices.tolist()):
+        raise UserError(f"{where} were evaluated on different {a.subset} rows (evaluate the second "
+                        f"with --subsets {a.directory / 'subsets.json'})")
+    if not np.array_equal(a.indices, b.indices):
+        raise UserError(f"{where} hold the same {a.subset} rows in a different order")
+    if not np.array_equal(a.labels, b.labels):
+        raise UserError(f"{where} have different labels for the same {a.subset} rows")

@@ -1,0 +1,182 @@
+"""`jaxprobe extract`: the residual stream of every hook point at each prompt's last token (or the
+mean over its tokens), for a labelled sample of a data set, into a resumable activation store.
+
+Layer numbering everywhere is the hook-point index: 0 = token embeddings, i = residual stream after
+block i-1 (HF `hidden_states[i]` without the final norm). The reference's "layer N" (its
+`layers.N` module) is hook point N+1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jaxprobe import data, prompts
+from jaxprobe.errors import UserError
+from jaxprobe.sources import DEFAULT_MODEL
+from jaxprobe.store import write_store
+
+PREFIX_CACHE_MODES = ("auto", "on", "off")
+
+
+MIN_AUTO_PREFIX_TOKENS = 32  # below this a shared prefix is not worth a separate pass
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `jaxprobe extract` needs; each field is one command-line flag."""
+
+    out: str
+    model: str = DEFAULT_MODEL
+    dataset: str = "imdb"
+    split: str = "train"
+    n: int = 100
+    seed: int = 42
+    template: str = "raw"
+    demonstrations_from: str = "0:5"
+    demonstrations_split: str = "train"
+    label_names: tuple[str, str] = prompts.LABEL_NAMES
+    positions: str = "last"
+    batch_size: int = 8
+    shard_size: int = 32
+    dtype: str = "float32"
+    max_length: int | None = None
+    prefix_cache: str = "auto"
+    text_column: str = "text"
+    label_column: str = "label"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PreparedPrompts:
+    prompts: list[str]
+    labels: list[int]
+    rows: np.ndarray                 # each example's row in the source split
+    demonstration_rows: list[int]    # rows of the demonstration split ([] if none)
+    leaked_items: list[int]          # sample items that are also demonstrations
+
+
+def _where(dataset: str, split: str) -> str:
+    return f"{dataset} split {split!r}"
+
+
+def prepare_prompts(cfg: ExtractConfig) -> PreparedPrompts:
+    """The sample (`shuffle(seed).select(range(n))`), its prompts and labels, checked row by row."""
+    template = prompts.get_template(cfg.template)
+    if cfg.n < 1:
+        raise UserError(f"--n must be at least 1, not {cfg.n}")
+    ds = data.load_split(cfg.dataset, cfg.split, text_column=cfg.text_column,
+                         label_column=cfg.label_column)
+    sample, rows = data.reference_sample_rows(ds, cfg.n, cfg.seed)
+    texts, labels = sample["text"], sample["label"]
+    data.check_binary_examples(texts, labels, rows, _where(cfg.dataset, cfg.split))
+    block, demo_rows, leaked = None, [], []
+    if template.uses_demonstrations:
+        shots = prompts.parse_row_slice(cfg.demonstrations_from)
+        if template.n_shots is not None and len(shots) != template.n_shots:
+            raise UserError(f"--demonstrations-from {cfg.demonstrations_from} gives {len(shots)} "
+                            f"demonstrations; template {template.name!r} needs {template.n_shots}")
+        demo_ds = ds if cfg.demonstrations_split == cfg.split else data.load_split(
+            cfg.dataset, cfg.demonstrations_split, text_column=cfg.text_column,
+            label_column=cfg.label_column)
+        demo_sample, all_demo_rows = data.reference_sample_rows(demo_ds, shots.stop, cfg.seed)
+        demos = demo_sample.select(shots)
+        demo_rows = [int(r) for r in all_demo_rows[shots.start:]]
+        data.check_binary_examples(demos["text"], demos["label"], demo_rows,
+                                   _where(cfg.dataset, cfg.demonstrations_split))
+        block = prompts.demonstration_block(demos["text"], demos["label"],
+                                              label_names=cfg.label_names)
+        if cfg.demonstrations_split == cfg.split:
+            demo_set = set(demo_rows)
+            leaked = [i for i, r in enumerate(rows) if int(r) in demo_set]
+    return PreparedPrompts(template.prompts(texts, block), [int(x) for x in labels], rows,
+                           demo_rows, leaked)
+
+
+def extract(cfg: ExtractConfig, lm=None, log: Callable[[str], None] = print) -> Path:
+    """Write (or finish) the activation store `cfg.out`; `lm` reuses an already loaded model."""
+    if cfg.positions not in ("last", "mean"):
+        raise UserError(f"--positions must be last or mean, not {cfg.positions!r}")
+    if cfg.prefix_cache not in PREFIX_CACHE_MODES:
+        raise UserError(f"--prefix-cache must be one of {', '.join(PREFIX_CACHE_MODES)}")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    if cfg.max_length is not None and cfg.max_length < 1:
+        raise UserError(f"--max-length must be at least 1, not {cfg.max_length}")
+    prepared = prepare_prompts(cfg)
+    if prepared.leaked_items:
+        log(f"note: sample items {_ranges(prepared.leaked_items)} are also the demonstrations (the "
+            "reference's leakage); --demonstrations-from a slice past --n avoids it")
+    if lm is None:
+        from jaxprobe.runner import load_model
+
+        log(f"loading model {cfg.model} ({cfg.dtype})")
+        lm = load_model(cfg.model, dtype=cfg.dtype)
+    elif np.dtype(lm.dtype).name != cfg.dtype:
+        raise ValueError(f"the loaded model is {np.dtype(lm.dtype).name}, the config asks for {cfg.dtype}")
+    ids = lm.tokenize(prepared.prompts)
+    limit = cfg.max_length or lm.config.max_position
+    token_counts = [min(len(r), limit) for r in ids]
+    prefix = _choose_prefix(lm, prepared.prompts, ids, cfg.prefix_cache, limit, log)
+
+    def compute(texts: list[str]) -> np.ndarray:
+        # one call per shard: its batches, and so its numbers, never depend on where a run stopped
+        return lm.activations(texts, positions=cfg.positions, batch_size=cfg.batch_size,
+                              max_length=cfg.max_length, prefix_tokens=prefix or None)
+
+    settings = {
+        "model_fingerprint": lm.fingerprint, "model_dtype": cfg.dtype, "dataset": cfg.dataset,
+        "split": cfg.split, "n": cfg.n, "seed": cfg.seed, "template": cfg.template,
+        "demonstrations": ({"split": cfg.demonstrations_split, "from": cfg.demonstrations_from,
+                            "label_names": list(cfg.label_names)}
+                           if prepared.demonstration_rows else None),
+        "text_column": cfg.text_column, "label_column": cfg.label_column,
+        "positions": cfg.positions, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "prefix_tokens": len(prefix),
+    }
+    template = prompts.get_template(cfg.template)
+    describe = {
+        "model": {"name": lm.name, "source": cfg.model, "fingerprint": lm.fingerprint,
+                  "n_layers": lm.config.n_layers, "d_model": lm.config.d_model, "dtype": cfg.dtype},
+        "dataset": {"name": cfg.dataset, "split": cfg.split, "n": cfg.n, "seed": cfg.seed,
+                    "sample": "shuffle(seed).select(range(n))"},
+        "template": {"name": template.name, "description": template.description,
+                     "demonstration_rows": prepared.demonstration_rows,
+                     "leaked_sample_items": prepared.leaked_items},
+        "positions": cfg.positions, "tokens": int(sum(token_counts)),
+    }
+    log(f"extract: {len(ids)} prompts, {sum(token_counts):,} tokens, {lm.n_hook_points} hook "
+        f"points x {lm.config.d_model} -> {cfg.out}")
+    return write_store(cfg.out, prompts=prepared.prompts, labels=prepared.labels,
+                       sample_indices=prepared.rows, settings=settings,
+                       n_hook_points=lm.n_hook_points, d_model=lm.config.d_model, compute=compute,
+                       shard_size=cfg.shard_size, token_counts=token_counts, describe=describe,
+                       progress=cfg.progress, log=log)
+
+
+def _choose_prefix(lm, prompts: list[str], ids: list[list[int]], mode: str, limit: int,
+                   log: Callable[[str], None]) -> list[int]:
+    """The shared token prefix of ALL prompts (computed once, passed to every shard), or []."""
+    if mode == "off" or len(prompts) < 2:
+        return []
+    if max(len(r) for r in ids) > limit:
+        if mode == "on":
+            raise UserError(f"--prefix-cache on: a prompt has {max(len(r) for r in ids)} tokens, "
+                            f"over --max-length {limit}; cutting it would cut the shared prefix")
+        return []
+    prefix = lm.common_prefix(prompts)
+    if mode == "auto" and len(prefix) < MIN_AUTO_PREFIX_TOKENS:
+        return []
+    if prefix:
+        log(f"prefix cache: all prompts share their first {len(prefix)} tokens; computed once")
+    return prefix
+
+
+def _ranges(items: Sequence[int]) -> str:
+    items = list(items)
+    if items == list(range(items[0], items[-1] + 1)):
+        return f"{items[0]}-{items[-1]}" if len(items) > 1 else str(items[0])
+    return ", ".join(map(str, items))

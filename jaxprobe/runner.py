@@ -1,0 +1,344 @@
+"""A loaded model with its tokenizer on a device mesh: tokenising once, batching (`batching.py`), a
+shared-prefix key/value cache, and the jitted, sharded forward pass. `jaxprobe.load_model` is the
+entry point.
+
+    lm = load_model("smollm2-135m")
+    acts = lm.activations(["a review", "another"])   # [n, n_layers + 1, d_model], last real token
+    logits = lm.logits(["a review"])                 # [n, vocab] next-token logits
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxprobe import checkpoint
+from jaxprobe.batching import (
+    bucket_length,
+    forward_flops,
+    pad_batch,
+    padded_rows,
+    plan_batches,
+    readable_prefix,
+    shape_overhead_tokens,
+)
+from jaxprobe.cpu import (
+    compiler_options,
+    cpu_data_devices,
+    cpu_devices_wanted,
+    cpu_matmul_library,
+    host_memory_bytes,
+)
+from jaxprobe.errors import UserError
+from jaxprobe.files import jaxprobe_home
+from jaxprobe.model import (
+    ForwardOutputs,
+    Llama,
+    LlamaConfig,
+    PrefixCache,
+    forward,
+    prefix_forward,
+)
+from jaxprobe.sharding import DEFAULT_RULES, ShardingRules, make_mesh
+from jaxprobe.sources import DEFAULT_MODEL
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+POSITIONS = ("last", "mean")
+
+
+def _enable_compilation_cache() -> None:
+    # Recompiling the same shapes in every process costs seconds; XLA can keep them on disk.
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(jaxprobe_home() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception:  # noqa: BLE001 - an optional speed-up, never a reason to fail
+        pass
+
+
+class LanguageModel:
+    """A loaded model with its tokenizer, placed on a device mesh. See the module docstring."""
+
+    def __init__(self, model: Llama, tokenizer, *, name: str, mesh, rules: ShardingRules = DEFAULT_RULES):
+        self.config: LlamaConfig = model.config
+        self.tokenizer = tokenizer
+        self.name = name
+        self.mesh = mesh
+        self.rules = rules
+        self.graphdef, self.state = nnx.split(model)
+        self.dtype = jax.tree.leaves(self.state)[0].dtype
+        self._fingerprint: str | None = None
+        self._programs: dict = {}
+
+    # ---------------------------------------------------------------- identity
+
+    @property
+    def n_hook_points(self) -> int:
+        return self.config.n_layers + 1
+
+    @property
+    def hook_point_names(self) -> list[str]:
+        return ["embed"] + [f"blocks.{i}.resid_post" for i in range(self.config.n_layers)]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the config and per-tensor float64 sums of the weights: equal means same model."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            sums = jax.tree.map(lambda x: float(jnp.sum(x.astype(jnp.float32))), nnx.to_pure_dict(self.state))
+            h.update(json.dumps(sums, sort_keys=True).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # ---------------------------------------------------------------- tokens
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Whole texts with the tokenizer's default special tokens (SmolLM2: none; Llama-2: BOS)."""
+        if isinstance(texts, str):
+            raise UserError("expected a list of texts, got a single string")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise UserError(f"text {i} is a {type(t).__name__}, not a string")
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        for i, row in enumerate(ids):
+            if not row:
+                raise UserError(f"text {i} is empty after tokenisation ({texts[i][:40]!r})")
+        return [list(r) for r in ids]
+
+    def common_prefix(self, texts: Sequence[str]) -> list[int]:
+        """Longest common token prefix of the whole-text tokenisations, leaving at least one token
+        of every text after it (the read position must be in the batch part)."""
+        return readable_prefix(self.tokenize(texts))
+
+    # ---------------------------------------------------------------- compiled programs
+
+    def _batch_sharding(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data", *([None] * (ndim - 1))))
+
+    def _program(self, *, pooling: str, residual: bool, all_logits: bool, has_ids: bool, has_prefix: bool,
+                 library: str | None = None):
+        key = (pooling, residual, all_logits, has_ids, has_prefix, library)
+        if key in self._programs:
+            return self._programs[key]
+        graphdef = self.graphdef
+
+        def run(state, tokens, positions, valid, read_index, logit_ids, prefix):
+            model = nnx.merge(graphdef, state)
+            return forward(model, tokens, positions, valid, read_index, pooling=pooling,
+                           residual=residual, logit_ids=logit_ids, all_logits=all_logits, prefix=prefix)
+
+        row2, row1 = self._batch_sharding(2), self._batch_sharding(1)
+        replicated = NamedSharding(self.mesh, P())
+        outs = ForwardOutputs(self._batch_sharding(3) if residual else None, row2,
+                              row2 if (all_logits or has_ids) else None)
+        program = jax.jit(
+            run,
+            in_shardings=(self._param_shardings(), row2, row2, row2, row1,
+                          replicated if has_ids else None, replicated if has_prefix else None),
+            out_shardings=outs, compiler_options=compiler_options(self.mesh, library))
+        self._programs[key] = program
+        return program
+
+    def _param_shardings(self):
+        return jax.tree.map(lambda x: x.sharding, self.state)
+
+    @functools.cached_property
+    def _prefix_program(self):
+        graphdef = self.graphdef
+        replicated = NamedSharding(self.mesh, P())
+
+        def run(state, tokens):
+            return prefix_forward(nnx.merge(graphdef, state), tokens)
+
+        # every device computes the same prefix, so Eigen keeps its threads
+        return jax.jit(run, in_shardings=(self._param_shardings(), replicated), out_shardings=replicated,
+                       compiler_options=compiler_options(self.mesh, rows_split=False))
+
+    def prefix_cache(self, prefix_tokens: Sequence[int]) -> PrefixCache:
+        return self._prefix_program(self.state, jnp.asarray(prefix_tokens, jnp.int32))
+
+    # ---------------------------------------------------------------- the main entry
+
+    def run(self, texts: Sequence[str], *, activations: bool = True, token_ids: Sequence[int] | None = None,
+            all_logits: bool = False, positions: str = "last", batch_size: int = 8,
+            max_length: int | None = None, prefix_tokens: Sequence[int] | str | None = None,
+            progress: bool = False) -> dict[str, np.ndarray]:
+        """One forward pass per batch; returns {"activations": [n, L+1, D], "final_norm": [n, D],
+        "logits": [n, K or vocab]} (those requested), in input order, float32."""
+        if positions not in POSITIONS:
+            raise UserError(f"positions must be one of {POSITIONS}, not {positions!r}")
+        if batch_size < 1:
+            raise UserError(f"batch size must be positive, not {batch_size}")
+        ids = self.tokenize(texts)
+        n = len(ids)
+        max_length = max_length or self.config.max_position
+        if isinstance(prefix_tokens, str):
+            if prefix_tokens != "auto":
+                raise UserError(f"prefix_tokens must be None, 'auto' or a token list, not {prefix_tokens!r}")
+            prefix = readable_prefix(ids)
+        else:
+            prefix = list(prefix_tokens or [])
+        for i, row in enumerate(ids):
+            if prefix and (len(row) <= len(prefix) or row[: len(prefix)] != prefix):
+                raise UserError(f"text {i} does not start with the shared prefix's {len(prefix)} tokens "
+                                f"(or has nothing after it)")
+            if len(row) > max_length:
+                if prefix:
+                    raise UserError(f"text {i} has {len(row)} tokens, over max_length={max_length}; "
+                                    f"truncation would cut the shared prefix")
+                ids[i] = row[-max_length:]  # keep the end: the read position is the last token
+        suffixes = [row[len(prefix):] for row in ids]
+
+        out: dict[str, np.ndarray] = {}
+        if activations:
+            out["activations"] = np.zeros((n, self.n_hook_points, self.config.d_model), np.float32)
+        out["final_norm"] = np.zeros((n, self.config.d_model), np.float32)
+        want_logits = token_ids is not None or all_logits
+        if want_logits:
+            k = self.config.vocab_size if token_ids is None else len(token_ids)
+            out["logits"] = np.zeros((n, k), np.float32)
+        if n == 0:
+            return out
+        logit_ids = None
+        if token_ids is not None:
+            token_ids = [int(t) for t in token_ids]
+            bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            logit_ids = jnp.asarray(token_ids, jnp.int32)
+
+        cache = self.prefix_cache(prefix) if prefix else None
+        data_size = self.mesh.shape["data"]
+        # longest first: a batch too large for memory fails at once, not at the end
+        batches = plan_batches([len(r) for r in suffixes], batch_size, data_size, len(prefix),
+                               shape_tokens=shape_overhead_tokens(self.config))
+        shapes = [(padded_rows(len(rows), batch_size, data_size), bucket_length(max(len(suffixes[i]) for i in rows)))
+                  for rows in batches]
+        shape_flops: dict[tuple[int, int], float] = {}
+        for shape in shapes:
+            shape_flops[shape] = shape_flops.get(shape, 0.0) + forward_flops(self.config, *shape)
+        programs = {shape: self._program(pooling=positions, residual=activations,
+                                         all_logits=all_logits and token_ids is None, has_ids=logit_ids is not None,
+                                         has_prefix=cache is not None, library=cpu_matmul_library(flops))
+                    for shape, flops in shape_flops.items()}
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="forward", unit="text", disable=not progress, dynamic_ncols=True)
+        n_tokens, t0 = 0, time.perf_counter()
+        for rows, shape in zip(batches, shapes):
+            batch = pad_batch([suffixes[i] for i in rows], len(prefix), shape)
+            res = programs[shape](self.state, *batch, logit_ids, cache)
+            take = len(rows)
+            if activations:
+                out["activations"][rows] = np.asarray(res.residual)[:take]
+            out["final_norm"][rows] = np.asarray(res.final_norm)[:take]
+            if want_logits:
+                out["logits"][rows] = np.asarray(res.logits)[:take]
+            n_tokens += sum(len(ids[i]) for i in rows)
+            bar.update(take)
+            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tok/s")
+        bar.close()
+        return out
+
+    def activations(self, texts: Sequence[str], *, positions: str = "last", batch_size: int = 8,
+                    max_length: int | None = None, prefix_tokens=None, progress: bool = False) -> np.ndarray:
+        """float32 [n_texts, n_layers + 1, d_model]: index 0 = embeddings, i + 1 = block i output."""
+        return self.run(texts, activations=True, positions=positions, batch_size=batch_size,
+                        max_length=max_length, prefix_tokens=prefix_tokens, progress=progress)["activations"]
+
+    def logits(self, texts: Sequence[str], *, token_ids: Sequence[int] | None = None, batch_size: int = 8,
+               max_length: int | None = None, prefix_tokens=None, progress: bool = False) -> np.ndarray:
+        """float32 next-token logits at each text's last token: [n, vocab], or [n, K] for token_ids."""
+        return self.run(texts, activations=False, token_ids=token_ids, all_logits=token_ids is None,
+                        batch_size=batch_size, max_length=max_length, prefix_tokens=prefix_tokens,
+                        progress=progress)["logits"]
+
+
+def _converted_path(src: str, dtype: str) -> Path:
+    """Where an HF folder / GGUF / the default model is converted to on first use: under
+    $JAXPROBE_HOME/checkpoints, never inside the installed package."""
+    from jaxprobe.convert import resolve_source
+
+    kind, path = resolve_source(src)
+    if str(src).lower() in (DEFAULT_MODEL, "smollm2", "default"):
+        return jaxprobe_home() / "checkpoints" / (DEFAULT_MODEL if dtype == "float32" else f"{DEFAULT_MODEL}-{dtype}")
+    stat = path.stat()
+    tag = hashlib.sha256(f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{dtype}".encode()).hexdigest()[:12]
+    return jaxprobe_home() / "checkpoints" / f"{path.stem}-{tag}"
+
+
+def load_tokenizer(folder: Path):
+    """The checkpoint's tokenizer. With a tokenizer.json (every fast tokenizer) the generic fast
+    class reads it without AutoTokenizer's model-class lookup, which imports torch (seconds)."""
+    if (Path(folder) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float32",
+               mesh_shape: tuple[int, int] | None = None, rules: ShardingRules = DEFAULT_RULES) -> LanguageModel:
+    """Load a model for reading activations and logits.
+
+    src: a folder written by `jaxprobe convert`, an HF folder (config.json + safetensors), a llama
+    .gguf file, or "smollm2-135m" (the embedded default). Sources that are not converted yet are
+    converted once (into $JAXPROBE_HOME/checkpoints, default ~/.cache/jaxprobe) and reused afterwards.
+    dtype: "float32" (default; fastest on CPUs without bf16 units) or "bfloat16".
+    mesh_shape: (data, model) device counts; default all devices on 'data' (on a CPU host, one device
+    per core: see `jaxprobe.cpu`; as many as copies of the weights fit in half its
+    memory).
+    """
+    from jaxprobe.convert import convert
+
+    if dtype not in _DTYPES:
+        raise UserError(f"dtype must be one of float32, bfloat16; not {dtype!r}")
+    cpu_devices_wanted()  # a bad JAXPROBE_CPU_DEVICES stops here, with its value
+    _enable_compilation_cache()
+    src = str(src)
+    if checkpoint.is_checkpoint(src):
+        path = Path(src)
+        name = DEFAULT_MODEL if path.name.startswith(DEFAULT_MODEL) else path.name
+    else:
+        path = _converted_path(src, "float32")
+        name = DEFAULT_MODEL if src.lower() in (DEFAULT_MODEL, "smollm2", "default") else Path(src).stem
+        if not checkpoint.is_checkpoint(path):
+            if path.exists():  # a conversion killed half-way: start again
+                import shutil
+
+                shutil.rmtree(path)
+            print(f"converting {src} -> {path} (once)")
+            convert(src, path)
+    cfg = checkpoint.load_config(path)
+    abstract = nnx.eval_shape(lambda: Llama(cfg, dtype=_DTYPES[dtype], rngs=nnx.Rngs(0)))
+    if mesh_shape is None and jax.default_backend() == "cpu":
+        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract)))
+        mesh_shape = (cpu_data_devices(jax.device_count(), param_bytes, host_memory_bytes()), 1)
+    try:
+        mesh = make_mesh(mesh_shape)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    params = checkpoint.load_params(path, cfg, mesh, rules, _DTYPES[dtype])
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, params)
+    model = nnx.merge(graphdef, state)
+    tokenizer = load_tokenizer(path / "tokenizer")
+    return LanguageModel(model, tokenizer, name=name, mesh=mesh, rules=rules)
