@@ -3,11 +3,12 @@ shapes (fewer shapes, fewer programs to compile; less padding, less wasted work)
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from jaxprobe.model import LlamaConfig
+if TYPE_CHECKING:  # annotations only: planning needs no JAX
+    from jaxprobe.model import LlamaConfig
 
 
 def forward_flops(cfg: LlamaConfig, rows: int, length: int) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 from pathlib import Path
@@ -602,6 +603,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"jaxprobe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a read-only folder met outside jaxprobe's own writers (Orbax, HF)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        print(f"jaxprobe {args.command}: error: cannot write {e.filename or 'a file'}: {e.strerror} "
+              "(files written before are intact)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jaxprobe {args.command}: interrupted; rerun the same command to resume",

@@ -39,8 +39,15 @@ import numpy as np
 
 from jaxprobe.active.estimators import label_metrics
 from jaxprobe.active.inputs import EVALUATION_FORMAT
+from jaxprobe.batching import readable_prefix
 from jaxprobe.errors import UserError
-from jaxprobe.files import ShardedArrayWriter, claim_folder, load_json, save_json, save_npy
+from jaxprobe.files import (
+    ShardedArrayWriter,
+    claim_folder,
+    load_json,
+    save_json,
+    save_npy,
+)
 from jaxprobe.prompts import (
     ICL_SELECTIONS,
     MULTI_TOKEN_POLICIES,
@@ -304,9 +311,9 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     if todo:
         # One shared prefix for every prompt of this run, from whole-prompt tokenisations (the
         # "\n\n" before a query merges differently when the ICL text is tokenised on its own).
-        prefix = lm.common_prefix([p for name in todo for p in prompts[name]])
-        _evaluate_shards(lm, {n: prompts[n] for n in todo}, out, config=config,
-                         label_token_ids=label_token_ids, prefix=prefix, rows=rows)
+        ids = {name: lm.tokenize(prompts[name]) for name in todo}  # once: the prefix and the shards reuse them
+        prefix = readable_prefix([row for name in todo for row in ids[name]])
+        _evaluate_shards(lm, ids, out, config=config, label_token_ids=label_token_ids, prefix=prefix, rows=rows)
         for name in todo:
             _finish_subset(out / name, rows[name], split.labels(rows[name]), k, config.shard_size,
                            extra={"prefix_tokens_cached": len(prefix)})
@@ -317,7 +324,7 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     return out
 
 
-def _evaluate_shards(lm, prompts: dict[str, list[str]], out: Path, *, config: EvaluateConfig,
+def _evaluate_shards(lm, prompts: dict[str, list[list[int]]], out: Path, *, config: EvaluateConfig,
                      label_token_ids: list[int], prefix: list[int], rows: dict) -> None:
     from tqdm.auto import tqdm
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxprobe import data, prompts
+from jaxprobe.batching import readable_prefix
 from jaxprobe.errors import UserError
 from jaxprobe.sources import DEFAULT_MODEL
 from jaxprobe.store import write_store
@@ -117,14 +118,15 @@ def extract(cfg: ExtractConfig, lm=None, log: Callable[[str], None] = print) -> 
         lm = load_model(cfg.model, dtype=cfg.dtype)
     elif np.dtype(lm.dtype).name != cfg.dtype:
         raise ValueError(f"the loaded model is {np.dtype(lm.dtype).name}, the config asks for {cfg.dtype}")
-    ids = lm.tokenize(prepared.prompts)
+    ids = lm.tokenize(prepared.prompts)  # once: the prefix and every shard reuse these
+    ids_of = dict(zip(prepared.prompts, ids))
     limit = cfg.max_length or lm.config.max_position
     token_counts = [min(len(r), limit) for r in ids]
-    prefix = _choose_prefix(lm, prepared.prompts, ids, cfg.prefix_cache, limit, log)
+    prefix = _choose_prefix(ids, cfg.prefix_cache, limit, log)
 
     def compute(texts: list[str]) -> np.ndarray:
         # one call per shard: its batches, and so its numbers, never depend on where a run stopped
-        return lm.activations(texts, positions=cfg.positions, batch_size=cfg.batch_size,
+        return lm.activations([ids_of[t] for t in texts], positions=cfg.positions, batch_size=cfg.batch_size,
                               max_length=cfg.max_length, prefix_tokens=prefix or None)
 
     settings = {
@@ -157,17 +159,16 @@ def extract(cfg: ExtractConfig, lm=None, log: Callable[[str], None] = print) -> 
                        progress=cfg.progress, log=log)
 
 
-def _choose_prefix(lm, prompts: list[str], ids: list[list[int]], mode: str, limit: int,
-                   log: Callable[[str], None]) -> list[int]:
+def _choose_prefix(ids: list[list[int]], mode: str, limit: int, log: Callable[[str], None]) -> list[int]:
     """The shared token prefix of ALL prompts (computed once, passed to every shard), or []."""
-    if mode == "off" or len(prompts) < 2:
+    if mode == "off" or len(ids) < 2:
         return []
     if max(len(r) for r in ids) > limit:
         if mode == "on":
             raise UserError(f"--prefix-cache on: a prompt has {max(len(r) for r in ids)} tokens, "
                             f"over --max-length {limit}; cutting it would cut the shared prefix")
         return []
-    prefix = lm.common_prefix(prompts)
+    prefix = readable_prefix(ids)
     if mode == "auto" and len(prefix) < MIN_AUTO_PREFIX_TOKENS:
         return []
     if prefix:

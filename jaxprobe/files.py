@@ -174,9 +174,9 @@ def claim_folder(out: str | os.PathLike, marker: str, settings: dict, *, what: s
                         "it (choose an empty or new folder)")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        _lock(out)
     except OSError as e:
         raise _one_line(e, out) from None
-    _lock(out)
     return stored
 
 

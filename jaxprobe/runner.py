@@ -120,10 +120,25 @@ class LanguageModel:
                 raise UserError(f"text {i} is empty after tokenisation ({texts[i][:40]!r})")
         return [list(r) for r in ids]
 
-    def common_prefix(self, texts: Sequence[str]) -> list[int]:
+    def token_ids(self, texts_or_ids: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        """Texts tokenised, or token-id rows (already tokenised, so a caller that needed the ids
+        first does not tokenise twice) checked against the vocabulary."""
+        if isinstance(texts_or_ids, str) or not texts_or_ids or isinstance(texts_or_ids[0], str):
+            return self.tokenize(texts_or_ids)
+        rows = []
+        for i, row in enumerate(texts_or_ids):
+            row = [int(t) for t in row]
+            if not row:
+                raise UserError(f"text {i} has no tokens")
+            if min(row) < 0 or max(row) >= self.config.vocab_size:
+                raise UserError(f"text {i} holds a token id outside the vocabulary (0..{self.config.vocab_size - 1})")
+            rows.append(row)
+        return rows
+
+    def common_prefix(self, texts: Sequence[str] | Sequence[Sequence[int]]) -> list[int]:
         """Longest common token prefix of the whole-text tokenisations, leaving at least one token
         of every text after it (the read position must be in the batch part)."""
-        return readable_prefix(self.tokenize(texts))
+        return readable_prefix(self.token_ids(texts))
 
     # ---------------------------------------------------------------- compiled programs
 
@@ -174,19 +189,54 @@ class LanguageModel:
 
     # ---------------------------------------------------------------- the main entry
 
-    def run(self, texts: Sequence[str], *, activations: bool = True, token_ids: Sequence[int] | None = None,
-            all_logits: bool = False, positions: str = "last", batch_size: int = 8,
-            max_length: int | None = None, prefix_tokens: Sequence[int] | str | None = None,
-            progress: bool = False) -> dict[str, np.ndarray]:
+    def run(self, texts: Sequence[str] | Sequence[Sequence[int]], *, activations: bool = True,
+            token_ids: Sequence[int] | None = None, all_logits: bool = False, positions: str = "last",
+            batch_size: int = 8, max_length: int | None = None,
+            prefix_tokens: Sequence[int] | str | None = None, progress: bool = False) -> dict[str, np.ndarray]:
         """One forward pass per batch; returns {"activations": [n, L+1, D], "final_norm": [n, D],
-        "logits": [n, K or vocab]} (those requested), in input order, float32."""
+        "logits": [n, K or vocab]} (those requested), in input order, float32. `texts` may also be
+        token-id rows (see `token_ids`)."""
         if positions not in POSITIONS:
             raise UserError(f"positions must be one of {POSITIONS}, not {positions!r}")
         if batch_size < 1:
             raise UserError(f"batch size must be positive, not {batch_size}")
-        ids = self.tokenize(texts)
+        ids = self.token_ids(texts)
+        prefix, suffixes = self._split_prefix(ids, max_length or self.config.max_position, prefix_tokens)
+        logit_ids = self._checked_logit_ids(token_ids)
         n = len(ids)
-        max_length = max_length or self.config.max_position
+        out: dict[str, np.ndarray] = {"final_norm": np.zeros((n, self.config.d_model), np.float32)}
+        if activations:
+            out["activations"] = np.zeros((n, self.n_hook_points, self.config.d_model), np.float32)
+        if token_ids is not None or all_logits:
+            k = self.config.vocab_size if token_ids is None else len(logit_ids)
+            out["logits"] = np.zeros((n, k), np.float32)
+        if n == 0:
+            return out
+        cache = self.prefix_cache(prefix) if prefix else None
+        batches, shapes, programs = self._plan(suffixes, batch_size, len(prefix), pooling=positions,
+                                               residual=activations, all_logits=all_logits and token_ids is None,
+                                               has_ids=logit_ids is not None, has_prefix=cache is not None)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="forward", unit="text", disable=not progress, dynamic_ncols=True)
+        n_tokens, t0 = 0, time.perf_counter()
+        for rows, shape in zip(batches, shapes):
+            batch = pad_batch([suffixes[i] for i in rows], len(prefix), shape)
+            res = programs[shape](self.state, *batch, logit_ids, cache)
+            take = len(rows)
+            for key, value in (("activations", res.residual), ("final_norm", res.final_norm), ("logits", res.logits)):
+                if key in out:
+                    out[key][rows] = np.asarray(value)[:take]
+            n_tokens += sum(len(ids[i]) for i in rows)
+            bar.update(take)
+            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tok/s")
+        bar.close()
+        return out
+
+    def _split_prefix(self, ids: list[list[int]], max_length: int,
+                      prefix_tokens: Sequence[int] | str | None) -> tuple[list[int], list[list[int]]]:
+        """The shared prefix (run once, its keys/values reused) and each text's tokens after it;
+        a text over max_length keeps its last tokens (the read position is the last token)."""
         if isinstance(prefix_tokens, str):
             if prefix_tokens != "auto":
                 raise UserError(f"prefix_tokens must be None, 'auto' or a token list, not {prefix_tokens!r}")
@@ -201,60 +251,33 @@ class LanguageModel:
                 if prefix:
                     raise UserError(f"text {i} has {len(row)} tokens, over max_length={max_length}; "
                                     f"truncation would cut the shared prefix")
-                ids[i] = row[-max_length:]  # keep the end: the read position is the last token
-        suffixes = [row[len(prefix):] for row in ids]
+                ids[i] = row[-max_length:]
+        return prefix, [row[len(prefix):] for row in ids]
 
-        out: dict[str, np.ndarray] = {}
-        if activations:
-            out["activations"] = np.zeros((n, self.n_hook_points, self.config.d_model), np.float32)
-        out["final_norm"] = np.zeros((n, self.config.d_model), np.float32)
-        want_logits = token_ids is not None or all_logits
-        if want_logits:
-            k = self.config.vocab_size if token_ids is None else len(token_ids)
-            out["logits"] = np.zeros((n, k), np.float32)
-        if n == 0:
-            return out
-        logit_ids = None
-        if token_ids is not None:
-            token_ids = [int(t) for t in token_ids]
-            bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-            logit_ids = jnp.asarray(token_ids, jnp.int32)
+    def _checked_logit_ids(self, token_ids: Sequence[int] | None):
+        if token_ids is None:
+            return None
+        token_ids = [int(t) for t in token_ids]
+        bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return jnp.asarray(token_ids, jnp.int32)
 
-        cache = self.prefix_cache(prefix) if prefix else None
+    def _plan(self, suffixes: list[list[int]], batch_size: int, prefix_length: int, **program):
+        """The batches (longest first: a batch too large for memory fails at once, not at the
+        end), each one's padded shape, and one program per shape with the matmul library its
+        planned work calls for."""
         data_size = self.mesh.shape["data"]
-        # longest first: a batch too large for memory fails at once, not at the end
-        batches = plan_batches([len(r) for r in suffixes], batch_size, data_size, len(prefix),
+        batches = plan_batches([len(r) for r in suffixes], batch_size, data_size, prefix_length,
                                shape_tokens=shape_overhead_tokens(self.config))
         shapes = [(padded_rows(len(rows), batch_size, data_size), bucket_length(max(len(suffixes[i]) for i in rows)))
                   for rows in batches]
         shape_flops: dict[tuple[int, int], float] = {}
         for shape in shapes:
             shape_flops[shape] = shape_flops.get(shape, 0.0) + forward_flops(self.config, *shape)
-        programs = {shape: self._program(pooling=positions, residual=activations,
-                                         all_logits=all_logits and token_ids is None, has_ids=logit_ids is not None,
-                                         has_prefix=cache is not None, library=cpu_matmul_library(flops))
+        programs = {shape: self._program(**program, library=cpu_matmul_library(flops))
                     for shape, flops in shape_flops.items()}
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc="forward", unit="text", disable=not progress, dynamic_ncols=True)
-        n_tokens, t0 = 0, time.perf_counter()
-        for rows, shape in zip(batches, shapes):
-            batch = pad_batch([suffixes[i] for i in rows], len(prefix), shape)
-            res = programs[shape](self.state, *batch, logit_ids, cache)
-            take = len(rows)
-            if activations:
-                out["activations"][rows] = np.asarray(res.residual)[:take]
-            out["final_norm"][rows] = np.asarray(res.final_norm)[:take]
-            if want_logits:
-                out["logits"][rows] = np.asarray(res.logits)[:take]
-            n_tokens += sum(len(ids[i]) for i in rows)
-            bar.update(take)
-            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tok/s")
-        bar.close()
-        return out
+        return batches, shapes, programs
 
     def activations(self, texts: Sequence[str], *, positions: str = "last", batch_size: int = 8,
                     max_length: int | None = None, prefix_tokens=None, progress: bool = False) -> np.ndarray:
@@ -283,6 +306,28 @@ def _converted_path(src: str, dtype: str) -> Path:
     return jaxprobe_home() / "checkpoints" / f"{path.stem}-{tag}"
 
 
+def _convert_once(src: str, path: Path) -> None:
+    """Convert `src` into `path` under a lock, so that processes starting together convert it
+    once (the others wait, then reuse it); each conversion goes to a temp folder renamed into
+    place, so a killed one leaves nothing that looks whole and is redone from scratch."""
+    import fcntl
+    import shutil
+
+    from jaxprobe.convert import convert
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        if checkpoint.is_checkpoint(path):
+            return  # another process converted it while this one waited
+        tmp = path.parent / f".{path.name}.converting"
+        for leftover in (tmp, path):  # a conversion killed half-way: start again
+            shutil.rmtree(leftover, ignore_errors=True)
+        print(f"converting {src} -> {path} (once)")
+        convert(src, tmp)
+        os.replace(tmp, path)
+
+
 def load_tokenizer(folder: Path):
     """The checkpoint's tokenizer. With a tokenizer.json (every fast tokenizer) the generic fast
     class reads it without AutoTokenizer's model-class lookup, which imports torch (seconds)."""
@@ -307,8 +352,6 @@ def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float32"
     per core: see `jaxprobe.cpu`; as many as copies of the weights fit in half its
     memory).
     """
-    from jaxprobe.convert import convert
-
     if dtype not in _DTYPES:
         raise UserError(f"dtype must be one of float32, bfloat16; not {dtype!r}")
     cpu_devices_wanted()  # a bad JAXPROBE_CPU_DEVICES stops here, with its value
@@ -321,12 +364,7 @@ def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float32"
         path = _converted_path(src, "float32")
         name = DEFAULT_MODEL if src.lower() in (DEFAULT_MODEL, "smollm2", "default") else Path(src).stem
         if not checkpoint.is_checkpoint(path):
-            if path.exists():  # a conversion killed half-way: start again
-                import shutil
-
-                shutil.rmtree(path)
-            print(f"converting {src} -> {path} (once)")
-            convert(src, path)
+            _convert_once(src, path)
     cfg = checkpoint.load_config(path)
     abstract = nnx.eval_shape(lambda: Llama(cfg, dtype=_DTYPES[dtype], rngs=nnx.Rngs(0)))
     if mesh_shape is None and jax.default_backend() == "cpu":

@@ -83,3 +83,13 @@ def test_the_rules_can_fail(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from jaxprobe.runner import load_model\n    from jaxprobe import model\n")
     assert {m for m, _ in _imports(bad)} >= {"jaxprobe.runner", "jaxprobe.model"}
+
+
+def test_the_command_line_starts_without_jax():
+    """`jaxprobe --help` and argument errors answer at once: the parsers import no JAX or model."""
+    import subprocess
+    import sys
+
+    code = "import sys, jaxprobe.cli; print(sorted(m for m in ('jax', 'flax', 'torch', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -34,6 +34,7 @@ from jaxprobe.active.sweep import (
 )
 from jaxprobe.errors import UserError
 from jaxprobe.files import claim_folder, load_json, save_json, save_npy
+from jaxprobe.moved import forward
 
 SUMMARY_FORMAT = "jaxprobe.acquire/1"
 SETTINGS_FORMAT = "jaxprobe.acquire-settings/1"
@@ -211,3 +212,7 @@ def _log_table(summary: dict, log) -> None:
     if summary.get("median_relative_error") is not None:
         log(f"median relative error over steps {summary['median_relative_error']:.3f} "
             f"({'better' if summary['median_relative_error'] < 1 else 'not better'} than iid)")
+
+
+# run_sweep, summarise_sweep, SweepConfig, ... lived here before `sweep.py`: kept for one release
+__getattr__ = forward(__name__, "jaxprobe.active.sweep")
