@@ -169,7 +169,7 @@ def claim_folder(out: str | os.PathLike, marker: str, settings: dict, *, what: s
             raise UserError(f"{out} holds {what} made with other settings "
                             f"({_first_difference(stored['settings'], settings)}); choose another "
                             "--out (nothing was changed)")
-    elif out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
+    elif out.is_dir() and any(not _leftover(p) for p in out.iterdir()):
         raise UserError(f"--out {out} is not empty and holds no {marker}; refusing to write into "
                         "it (choose an empty or new folder)")
     try:
@@ -177,7 +177,14 @@ def claim_folder(out: str | os.PathLike, marker: str, settings: dict, *, what: s
         _lock(out)
     except OSError as e:
         raise _one_line(e, out) from None
+    for tmp in out.rglob(".*.tmp"):  # a killed run's half-written files: never part of a result
+        tmp.unlink(missing_ok=True)
     return stored
+
+
+def _leftover(path: Path) -> bool:
+    """What a killed jaxprobe run leaves in a folder it had not yet written a file to."""
+    return path.name == LOCK or (path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp"))
 
 
 def load_json_object(path: str | os.PathLike) -> dict:
