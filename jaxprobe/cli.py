@@ -148,6 +148,17 @@ def _label_names(text: str) -> tuple[str, str]:
     return names
 
 
+def _seed(text: str) -> int:
+    """A random seed: numpy's generators take non-negative integers only."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is a non-negative integer, not {text!r}")
+    return value
+
+
 def _hook_points(text: str) -> tuple[int, ...] | None:
     if text == "all":
         return None
@@ -155,6 +166,8 @@ def _hook_points(text: str) -> tuple[int, ...] | None:
         points = []
         for part in text.split(","):
             lo, _, hi = part.partition("-")
+            if hi and int(hi) < int(lo):
+                raise argparse.ArgumentTypeError(f"the range {part} runs backwards; write {hi}-{lo}")
             points.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
     except ValueError:
         raise argparse.ArgumentTypeError("give 'all' or hook points like 0,5,10-12") from None
@@ -198,7 +211,7 @@ def _add_data_arguments(g, d) -> None:
     g.add_argument("--text-column", default=d.text_column, help="(default: %(default)s)")
     g.add_argument("--label-column", default=d.label_column,
                    help="labels must be 0/1 (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=d.seed,
+    g.add_argument("--seed", type=_seed, default=d.seed,
                    help="sample = shuffle(seed).select(range(n)), as the reference (default: %(default)s)")
     g.add_argument("--demonstrations-from", default=d.demonstrations_from, metavar="START:STOP",
                    help="demonstrations = positions START..STOP-1 of the shuffled train split; the "
@@ -371,7 +384,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAU
                    help="in-context examples per class in proportion to the candidates' classes, "
                         "in one random order (the paper), or a plain random choice (the reference "
                         "code) (default: %(default)s)")
-    g.add_argument("--icl-seed", type=int, default=d.icl_seed, help="(default: %(default)s)")
+    g.add_argument("--icl-seed", type=_seed, default=d.icl_seed, help="(default: %(default)s)")
     s = parser.add_argument_group("subsets (disjoint, seeded, saved as row indices)")
     s.add_argument("--pool-size", type=int, default=None,
                    help="rows the acquisition draws from (default: %d)" % sizes["pool_size"])
@@ -379,7 +392,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAU
                    help="held-out rows for the true risk; 0 for none (default: %d)" % sizes["test_size"])
     s.add_argument("--icl-candidates", type=int, default=None,
                    help="rows in-context examples are chosen from (default: %d)" % sizes["icl_candidates"])
-    s.add_argument("--seed", type=int, default=None,
+    s.add_argument("--seed", type=_seed, default=None,
                    help="seed of the subset draw (default: %d)" % sizes["seed"])
     s.add_argument("--subsets", default=None, metavar="FILE",
                    help="reuse the subsets of an earlier evaluate (its subsets.json or its folder), "
@@ -472,7 +485,7 @@ def _add_acquire_command(subparsers) -> argparse.ArgumentParser:
                              "ase (zero-shot surrogate estimate, constant) (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=s.runs, help="independent runs (default: %(default)s)")
     parser.add_argument("--size", type=int, default=s.size, help="labels acquired per run (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=s.seed,
+    parser.add_argument("--seed", type=_seed, default=s.seed,
                         help="run r uses key fold_in(seed, acquisition, r) (default: %(default)s)")
     parser.add_argument("--clip", type=_clip_value, default=None, metavar="ALPHA",
                         help="floor alpha/n_left on each probability before renormalising, in [0, 1) "
@@ -550,7 +563,7 @@ def _add_active_experiment_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--clip", type=float, default=d.clip,
                         help="proposal floor as a fraction of uniform, in [0, 1) (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=None, help="surrogate temperature (default: none)")
-    parser.add_argument("--sweep-seed", type=int, default=d.sweep_seed, help="(default: %(default)s)")
+    parser.add_argument("--sweep-seed", type=_seed, default=d.sweep_seed, help="(default: %(default)s)")
     parser.add_argument("--no-budget-offset", dest="budget_offset", action="store_false",
                         help="compare a zero-shot target's k active labels with k uniform ones, not "
                              "with icl + k (the paper's rule)")

@@ -11,15 +11,16 @@ implement.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from jaxprobe.errors import UserError
+from jaxprobe.files import check_empty_folder, claim_empty_folder, load_json_object, release_folder
 from jaxprobe.model import LlamaConfig, RopeScaling, param_shapes
 from jaxprobe.sources import DEFAULT_MODEL
 
@@ -116,22 +117,41 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
                                   int(rope["original_max_position_embeddings"]))
         except KeyError as e:
             raise UserError(f"{where}: llama3 rope scaling lacks {e.args[0]}") from None
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: llama3 rope scaling holds a non-number: {rope}") from None
     elif rope_type != "default":
         refuse("rope_type", rope_type)
     for k in ("partial_rotary_factor", "attention_factor", "beta_fast", "beta_slow", "mscale"):
         if k in rope:
             refuse(f"rope_parameters.{k}", rope[k])
 
-    n_heads = int(hf["num_attention_heads"])
-    return LlamaConfig(
-        vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
-        n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
-        d_ff=int(hf["intermediate_size"]), rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta), rope_scaling=scaling,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position=int(hf.get("max_position_embeddings", 4096)))
+    def number(key, kind=int, default=None, value=None):
+        """A numeric field, refused in one line if missing (without a default) or of another type."""
+        value = hf.get(key) if value is None else value
+        if value is None:
+            if default is None:
+                raise UserError(f"{where}: lacks the field {key!r}")
+            return default
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            raise UserError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, not {value!r}")
+        return kind(value)
+
+    n_heads, d_model = number("num_attention_heads"), number("hidden_size")
+    if n_heads < 1:
+        raise UserError(f"{where}: num_attention_heads must be a positive integer, not {n_heads}")
+    tie = hf.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise UserError(f"{where}: tie_word_embeddings must be true or false, not {tie!r}")
+    try:
+        return LlamaConfig(
+            vocab_size=number("vocab_size"), d_model=d_model, n_layers=number("num_hidden_layers"),
+            n_heads=n_heads, n_kv_heads=number("num_key_value_heads", default=n_heads),
+            head_dim=number("head_dim", default=d_model // n_heads),
+            d_ff=number("intermediate_size"), rms_eps=number("rms_norm_eps", float, 1e-6),
+            rope_theta=number("rope_theta", float, value=theta), rope_scaling=scaling, tie_embeddings=tie,
+            max_position=number("max_position_embeddings", default=4096))
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,22 +240,29 @@ def unpermute_gguf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = load_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: has no weight_map object of tensor name -> file name")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     for fname in files:
         if not (folder / fname).is_file():
             raise UserError(f"{index} lists {fname}, which is missing")
-        # framework="flax" reads bf16 too (numpy has no bfloat16); arrays come back via ml_dtypes.
-        with safe_open(folder / fname, framework="flax") as f:
-            for key in f.keys():
-                if key.endswith("rotary_emb.inv_freq"):  # a cached buffer in old checkpoints
-                    continue
-                yield key, np.asarray(f.get_tensor(key))
+        try:
+            # framework="flax" reads bf16 too (numpy has no bfloat16); arrays come back via ml_dtypes.
+            with safe_open(folder / fname, framework="flax") as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq"):  # a cached buffer in old checkpoints
+                        continue
+                    yield key, np.asarray(f.get_tensor(key))
+        except SafetensorError as e:
+            raise UserError(f"{folder / fname}: not a readable safetensors file (truncated or "
+                            f"corrupt?): {e}") from None
 
 
 def _gguf_field(reader, key, default=None):
@@ -251,10 +278,16 @@ def gguf_config(reader, where: str) -> LlamaConfig:
     for key in ("rope.scaling.type", "expert_count"):
         if f(key) not in (None, "none", 0):
             raise UserError(f"{where}: unsupported GGUF field llama.{key}={f(key)!r}")
+    required = [k for k in ("attention.head_count", "embedding_length", "block_count", "feed_forward_length")
+                if f(k) is None]
+    if required:
+        raise UserError(f"{where}: lacks the field llama.{required[0]}")
     n_heads = int(f("attention.head_count"))
     d_model = int(f("embedding_length"))
     vocab = f("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     names = {t.name for t in reader.tensors}
+    if n_heads < 1:
+        raise UserError(f"{where}: llama.attention.head_count must be positive, not {n_heads}")
     return LlamaConfig(
         vocab_size=int(vocab), d_model=d_model, n_layers=int(f("block_count")), n_heads=n_heads,
         n_kv_heads=int(f("attention.head_count_kv", n_heads)),
@@ -268,7 +301,10 @@ def _iter_gguf(reader, cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
     from gguf.quants import dequantize
 
     for t in reader.tensors:
-        w = dequantize(t.data, t.tensor_type).astype(np.float32)  # torch layout [out, in]
+        try:
+            w = dequantize(t.data, t.tensor_type).astype(np.float32)  # torch layout [out, in]
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise UserError(f"GGUF tensor {t.name!r} cannot be read (a truncated file?): {e}") from None
         if t.name in _GGUF_GLOBAL:
             yield _GGUF_GLOBAL[t.name], w
             continue
@@ -333,21 +369,17 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32",
 
     kind, path = resolve_source(src)
     out = Path(out)
-    if (out / "config.json").exists():
-        raise UserError(f"{out} already holds a checkpoint; remove it or choose another --out")
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
     if np_dtype is None:
         raise UserError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+    _check_output(out)  # refused before any work; nothing is written until every tensor is read
 
     if kind == "hf":
-        hf_cfg = json.loads((path / "config.json").read_text())
-        cfg = hf_config_to_llama(hf_cfg, where=str(path / "config.json"))
+        cfg = hf_config_to_llama(load_json_object(path / "config.json"), where=str(path / "config.json"))
         tensors: Iterator = _iter_safetensors(path)
         save_tokenizer: Callable[[Path], None] = lambda d: _save_tokenizer_from_hf_folder(path, d)  # noqa: E731
     else:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
+        reader = _open_gguf(path)
         cfg = gguf_config(reader, str(path))
         tensors = _iter_gguf(reader, cfg)
         save_tokenizer = lambda d: gguf_tokenizer(reader).save_pretrained(d)  # noqa: E731
@@ -370,7 +402,64 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32",
     if missing:
         raise UserError(f"missing tensor {missing[0]} in {path}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(out / "tokenizer")
-    checkpoint.save_checkpoint(out, cfg, params, source={"kind": kind, "path": str(path), "dtype": dtype})
+    created = not out.exists()
+    claim_empty_folder(out, allowed=_CONVERSION_ENTRIES, what="a conversion")  # one conversion at a time
+    _remove_conversion_files(out)  # what a killed conversion left: redone from scratch
+    try:
+        save_tokenizer(out / "tokenizer")
+        _check_tokenizer(out / "tokenizer", cfg)
+        checkpoint.save_checkpoint(out, cfg, params, source={"kind": kind, "path": str(path), "dtype": dtype})
+    except UserError:
+        _remove_conversion_files(out)
+        release_folder(out)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    release_folder(out)
     return out
+
+
+# What a conversion writes into --out; config.json, written last, marks it whole.
+_CONVERSION_ENTRIES = ("params", "tokenizer", "source.json")
+
+
+def _check_output(out: Path) -> None:
+    """Refuse a file, a finished checkpoint, or a folder holding anything a conversion does not write."""
+    if (out / "config.json").exists():
+        raise UserError(f"{out} already holds a checkpoint; remove it or choose another --out")
+    check_empty_folder(out, allowed=_CONVERSION_ENTRIES, what="a conversion")
+
+
+def _remove_conversion_files(out: Path) -> None:
+    for name in _CONVERSION_ENTRIES:
+        leftover = out / name
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        elif leftover.exists():
+            leftover.unlink()
+
+
+def _open_gguf(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, OSError, KeyError, IndexError, TypeError, struct.error) as e:
+        raise UserError(f"{path}: not a readable GGUF file (empty, truncated or corrupt?): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _check_tokenizer(folder: Path, cfg: LlamaConfig) -> None:
+    """A tokenizer that cannot be loaded, or that makes ids past the embedding table, is refused
+    now rather than at the first run."""
+    if not (folder / "tokenizer.json").is_file():
+        return  # a slow (sentencepiece-only) tokenizer: transformers reads it at load time
+    from tokenizers import Tokenizer
+
+    try:
+        vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
+        raise UserError(f"{folder / 'tokenizer.json'}: not a readable tokenizer: {str(e).splitlines()[0]}") from None
+    if vocab > cfg.vocab_size:
+        raise UserError(f"the tokenizer has {vocab} tokens but the model's embedding table only "
+                        f"{cfg.vocab_size} rows")

@@ -44,14 +44,24 @@ def load_split(source: str, split: str, *, text_column: str = "text", label_colu
         if not path.is_file():
             raise UserError(f"data file not found: {path}")
         kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        ds = datasets.load_dataset(_LOCAL_BUILDERS[path.suffix.lower()], data_files=str(path),
-                                   split="train", **kwargs)
+        builder = _LOCAL_BUILDERS[path.suffix.lower()]
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        except Exception as e:  # noqa: BLE001 - datasets wraps the reader's error in its own types
+            cause = e.__cause__ or e.__context__ if type(e).__name__ == "DatasetGenerationError" else e
+            cause = cause or e
+            detail = str(cause).splitlines()[0] if str(cause) else ""
+            if "corresponds to no data" in detail or isinstance(cause, StopIteration):
+                raise UserError(f"{path}: holds no rows") from None
+            raise UserError(f"{path}: not a readable {builder} file: {type(cause).__name__}: {detail}") from None
     else:
         try:
             ds = datasets.load_dataset(source, split=split)
         except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
             raise UserError(f"could not load dataset {source!r} split {split!r}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if len(ds) == 0:
+        raise UserError(f"dataset {source!r} split {split!r} holds no rows")
     for col, what in ((text_column, "--text-column"), (label_column, "--label-column")):
         if col not in ds.column_names:
             raise UserError(f"dataset {source!r} has no column {col!r} ({what}); "

@@ -44,7 +44,8 @@ from jaxprobe.errors import UserError
 from jaxprobe.files import (
     ShardedArrayWriter,
     claim_folder,
-    load_json,
+    load_json_object,
+    load_npy,
     save_json,
     save_npy,
 )
@@ -216,11 +217,8 @@ def make_or_load_subsets(config: EvaluateConfig, split: LabelledSplit) -> dict:
         if not path.is_file():
             raise UserError(f"--subsets {config.subsets}: no such file (give a subsets.json or the "
                             f"folder of an earlier evaluate)")
-        try:
-            record = load_json(path)
-        except ValueError as e:
-            raise UserError(f"--subsets {path}: not valid JSON ({e})") from None
-        if not isinstance(record, dict) or record.get("format") != SUBSETS_FORMAT:
+        record = load_json_object(path)
+        if record.get("format") != SUBSETS_FORMAT:
             raise UserError(f"--subsets {path}: not a subsets file written by jaxprobe evaluate")
         _check_subsets_record(record, path)
         for key in DEFAULT_SIZES:
@@ -318,10 +316,26 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
             _finish_subset(out / name, rows[name], split.labels(rows[name]), k, config.shard_size,
                            extra={"prefix_tokens_cached": len(prefix)})
     for name in rows:
-        m = load_json(out / name / "metrics.json")
+        m = _finished_subset(out, name, rows[name], split.labels(rows[name]), k)
         log(f"{lm.name} {config.icl}-shot {name}: n={m['n']} accuracy={m['accuracy']:.4f} "
             f"cross-entropy={m['cross_entropy']:.4f}")
     return out
+
+
+def _finished_subset(out: Path, name: str, rows: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
+    """A finished subset's metrics, after checking its arrays are still what this run wrote."""
+    from jaxprobe.active.inputs import load_evaluation
+
+    ev = load_evaluation(out, name, flag="--out")
+    if ev.logits.shape != (len(rows), n_classes) or not np.array_equal(ev.indices, rows) \
+            or not np.array_equal(ev.labels, labels):
+        raise UserError(f"{out / name}: damaged (its arrays are not what this evaluation wrote); "
+                        "delete the folder and evaluate again")
+    for key in ("n", "accuracy", "cross_entropy"):
+        if not isinstance(ev.metrics.get(key), (int, float)):
+            raise UserError(f"{out / name / 'metrics.json'}: {key} is not a number; delete the folder "
+                            "and evaluate again")
+    return ev.metrics
 
 
 def _evaluate_shards(lm, prompts: dict[str, list[list[int]]], out: Path, *, config: EvaluateConfig,
@@ -354,7 +368,7 @@ def _evaluate_shards(lm, prompts: dict[str, list[list[int]]], out: Path, *, conf
 def _finish_subset(subset_dir: Path, rows: np.ndarray, labels: np.ndarray, n_classes: int, shard_size: int,
                    extra: dict) -> None:
     ShardedArrayWriter(subset_dir, len(rows), (n_classes,), shard_size).merge(subset_dir / "logits.npy")
-    logits = np.load(subset_dir / "logits.npy", allow_pickle=False)
+    logits = load_npy(subset_dir / "logits.npy")
     save_npy(subset_dir / "labels.npy", labels)
     save_npy(subset_dir / "indices.npy", rows)
     save_json(subset_dir / "metrics.json", {**label_metrics(logits, labels), **extra})

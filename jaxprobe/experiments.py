@@ -45,7 +45,7 @@ from jaxprobe.active.sweep import run_sweep, summarise_sweep
 from jaxprobe.errors import UserError
 from jaxprobe.evaluate import DEFAULT_SIZES, EvaluateConfig, run_evaluate
 from jaxprobe.extract import ExtractConfig, extract
-from jaxprobe.files import claim_folder, save_json, save_npy, save_text
+from jaxprobe.files import claim_folder, load_npy, save_json, save_npy, save_text
 from jaxprobe.probing import RECIPES, ProbeConfig, probe
 from jaxprobe.report import (
     METHOD_NAMES,
@@ -209,7 +209,11 @@ def _sweep(target, surrogate, *, acquisition: str, config: ActiveExperimentConfi
     baseline), from `folder` if already finished; a killed sweep resumes from its checkpoint."""
     final = folder / "estimates.npy"
     if final.is_file():
-        return np.load(final, allow_pickle=False)
+        estimates = load_npy(final)
+        if estimates.shape != (config.size, config.runs) or estimates.dtype.kind != "f":
+            raise UserError(f"{final}: holds {estimates.dtype}{list(estimates.shape)}, expected float "
+                            f"[{config.size}, {config.runs}]; delete it and rerun to recompute it")
+        return estimates
     uniform = acquisition == "iid"
     estimates = run_sweep(target.logits, surrogate.logits, target.labels, acquisition=acquisition,
                           estimator="mean" if uniform else "lure", runs=config.runs, size=config.size,

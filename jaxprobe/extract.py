@@ -67,6 +67,7 @@ def _where(dataset: str, split: str) -> str:
 def prepare_prompts(cfg: ExtractConfig) -> PreparedPrompts:
     """The sample (`shuffle(seed).select(range(n))`), its prompts and labels, checked row by row."""
     template = prompts.get_template(cfg.template)
+    prompts.parse_row_slice(cfg.demonstrations_from)  # a malformed flag is refused even where unused
     if cfg.n < 1:
         raise UserError(f"--n must be at least 1, not {cfg.n}")
     ds = data.load_split(cfg.dataset, cfg.split, text_column=cfg.text_column,
@@ -118,6 +119,9 @@ def extract(cfg: ExtractConfig, lm=None, log: Callable[[str], None] = print) -> 
         lm = load_model(cfg.model, dtype=cfg.dtype)
     elif np.dtype(lm.dtype).name != cfg.dtype:
         raise ValueError(f"the loaded model is {np.dtype(lm.dtype).name}, the config asks for {cfg.dtype}")
+    if cfg.max_length is not None and cfg.max_length > lm.config.max_position:
+        raise UserError(f"--max-length {cfg.max_length} is over the model's context of "
+                        f"{lm.config.max_position} tokens")
     ids = lm.tokenize(prepared.prompts)  # once: the prefix and every shard reuse these
     ids_of = dict(zip(prepared.prompts, ids))
     limit = cfg.max_length or lm.config.max_position

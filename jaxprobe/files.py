@@ -172,6 +172,40 @@ def claim_folder(out: str | os.PathLike, marker: str, settings: dict, *, what: s
     elif out.is_dir() and any(not _leftover(p) for p in out.iterdir()):
         raise UserError(f"--out {out} is not empty and holds no {marker}; refusing to write into "
                         "it (choose an empty or new folder)")
+    _claim(out)
+    return stored
+
+
+def claim_empty_folder(out: str | os.PathLike, *, allowed: tuple[str, ...] = (), what: str) -> None:
+    """Claim `out` for a writer that has no settings marker (conversion): refuses a file and a
+    folder holding anything but the names in `allowed` (what the same writer left when killed)."""
+    check_empty_folder(out, allowed=allowed, what=what)
+    _claim(Path(out))
+
+
+def check_empty_folder(out: str | os.PathLike, *, allowed: tuple[str, ...] = (), what: str) -> None:
+    """`claim_empty_folder`'s checks alone: nothing is created."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in allowed and not _leftover(p))
+        if others:
+            raise UserError(f"--out {out} holds {others[0]!r}, which is not {what}; choose an empty "
+                            "or new folder (nothing was changed)")
+
+
+def release_folder(out: str | os.PathLike) -> None:
+    """Give up this process's claim on `out` before it exits (a finished conversion)."""
+    path = Path(out) / LOCK
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _claim(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         _lock(out)
@@ -179,7 +213,6 @@ def claim_folder(out: str | os.PathLike, marker: str, settings: dict, *, what: s
         raise _one_line(e, out) from None
     for tmp in out.rglob(".*.tmp"):  # a killed run's half-written files: never part of a result
         tmp.unlink(missing_ok=True)
-    return stored
 
 
 def _leftover(path: Path) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxprobe.errors import UserError
-from jaxprobe.files import claim_folder, save_json, save_npy
+from jaxprobe.files import claim_folder, load_npy, save_json, save_npy
 from jaxprobe.report import write_results
 from jaxprobe.store import LAYER_CONVENTION, ActivationStore, open_activations
 
@@ -172,7 +172,12 @@ def probe(cfg: ProbeConfig, log: Callable[[str], None] = print) -> dict:
         files = {k: folder / f"{k}.npy" for k in ("final_train_loss", "test_accuracy")}
         if all(f.is_file() for f in files.values()):
             log(f"probe {recipe}: done before, reading {folder}")
-            sweeps[recipe] = {k: np.load(f, allow_pickle=False) for k, f in files.items()}
+            sweeps[recipe] = {k: load_npy(f) for k, f in files.items()}
+            expected = (len(variants), len(points), cfg.seeds)
+            for k, f in files.items():
+                if sweeps[recipe][k].shape != expected or sweeps[recipe][k].dtype != np.float64:
+                    raise UserError(f"{f}: holds {sweeps[recipe][k].dtype}{list(sweeps[recipe][k].shape)}, "
+                                    f"expected float64{list(expected)}; delete it and rerun to recompute it")
             continue
         log(f"probe {recipe}: {len(variants)} variant(s) x {len(points)} layers x {cfg.seeds} "
             f"seeds = {len(variants) * len(points) * cfg.seeds} probes in one vmapped program")

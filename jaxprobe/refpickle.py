@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import re
 import struct
@@ -100,6 +101,8 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any
     values = storage.values
     if 0 in size:
         return np.zeros(size, values.dtype)
+    if math.prod(size) > values.size:  # zero or overlapping strides: memory the file cannot justify
+        raise _Refused(f"a tensor of {math.prod(size)} elements over a {values.size}-element storage")
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= values.size:
         raise _Refused(f"a tensor reaching element {last} of a {values.size}-element storage")

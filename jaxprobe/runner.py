@@ -200,6 +200,9 @@ class LanguageModel:
             raise UserError(f"positions must be one of {POSITIONS}, not {positions!r}")
         if batch_size < 1:
             raise UserError(f"batch size must be positive, not {batch_size}")
+        if max_length is not None and not 1 <= max_length <= self.config.max_position:
+            raise UserError(f"max_length must be 1 to the model's context of {self.config.max_position} "
+                            f"tokens, not {max_length}")
         ids = self.token_ids(texts)
         prefix, suffixes = self._split_prefix(ids, max_length or self.config.max_position, prefix_tokens)
         logit_ids = self._checked_logit_ids(token_ids)

@@ -125,9 +125,12 @@ def write_store(out: str | os.PathLike, *, prompts: Sequence[str], labels: Seque
     stored = claim_folder(out, MANIFEST, identity, what="an activation store", format=STORE_FORMAT)
     if stored is not None:
         if stored.get("complete") and (out / ACTIVATIONS).is_file():
+            _check_array(out / ACTIVATIONS, shape, np.float32)
+            _check_side_files(out, labels, sample_indices)
             shutil.rmtree(out / "shards", ignore_errors=True)  # left over if killed at the very end
             log(f"{out}: already complete ({n} examples)")
             return out
+        _check_side_files(out, labels, sample_indices)
         manifest = {**manifest, "created": stored.get("created")}
         log(f"{out}: resuming an unfinished store")
     else:
@@ -170,6 +173,21 @@ def write_store(out: str | os.PathLike, *, prompts: Sequence[str], labels: Seque
     return out
 
 
+def _check_array(path: Path, shape, dtype, expected: np.ndarray | None = None) -> None:
+    """A file this store wrote, refused in one line if damaged since."""
+    array = load_npy(path, mmap=True)
+    if list(array.shape) != list(shape) or array.dtype != dtype or (
+            expected is not None and not np.array_equal(array, expected)):
+        raise UserError(f"{path}: damaged (holds {array.dtype}{list(array.shape)}, not what this store "
+                        "wrote); delete the store and extract again")
+
+
+def _check_side_files(out: Path, labels: np.ndarray, sample_indices: np.ndarray) -> None:
+    for name, expected in ((LABELS, labels), (SAMPLE_INDICES, sample_indices)):
+        if (out / name).is_file():
+            _check_array(out / name, expected.shape, np.int64, expected)
+
+
 @dataclass(frozen=True)
 class ActivationStore:
     """An opened store: `activations` float32 [n, len(hook_points), d] (memory-mapped for
@@ -199,8 +217,14 @@ class ActivationStore:
         path = self.path / PROMPTS
         if not path.is_file():
             return None
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f]
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: corrupt ({type(e).__name__}: {e})") from None
+        if len(rows) != len(self.labels) or not all(isinstance(r, str) for r in rows):
+            raise UserError(f"{path}: expected {len(self.labels)} prompt strings, one JSON string per line")
+        return rows
 
     def layers(self, hook_points: Sequence[int]) -> np.ndarray:
         """float32 [n, len(hook_points), d] read into memory, refusing NaN/inf (naming the row)."""

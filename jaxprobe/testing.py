@@ -1,4 +1,4 @@
-"""Tiny random models and tokenizers for tests: no torch, no network, about a second to build."""
+"""Tiny random models, tokenizers and data for tests, no network (`make_hf_model` needs torch)."""
 
 from __future__ import annotations
 
@@ -86,3 +86,34 @@ def write_tiny_dataset(path: Path, n_rows: int, seed: int) -> Path:
     texts = [" ".join(rng.choice(vocab, rng.integers(2, 6))) + " " for _ in range(n_rows)]
     pd.DataFrame({"text": texts, "label": rng.integers(0, 2, n_rows)}).to_parquet(path)
     return path
+
+
+# HF tiny-model variants the parity tests run over.
+HF_VARIANTS = {
+    "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "gqa-llama3-rope": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+                            rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 16}),
+}
+
+
+def make_hf_model(folder, *, seed=0, **overrides):
+    """A tiny random transformers LlamaForCausalLM saved with save_pretrained (+ a tokenizer)."""
+    import torch
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    kwargs = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                  max_position_embeddings=512, rms_norm_eps=1e-5)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(HFLlamaConfig(**kwargs)).eval()
+    with torch.no_grad():  # norms away from 1 so that their weights are tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    tiny_tokenizer(kwargs["vocab_size"]).save_pretrained(folder)
+    return model

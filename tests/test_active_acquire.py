@@ -99,6 +99,30 @@ def test_auto_baseline_offset_pool_truth_and_bootstrap(folders, iid_run):
     assert np.load(out / "bootstrap_variance.npy").shape == (2, 8)
 
 
+DAMAGED_META = [  # (name, edit of the parsed meta.json or None for raw bytes, message)
+    ("not-json", b"{oops", "meta.json: corrupt JSON"),
+    ("not-utf8", b"\xff\xfe{}", "meta.json: not UTF-8 text"),
+    ("a-list", b"[1, 2]", "meta.json: expected a JSON object, found list"),
+    ("no-format", lambda m: m.pop("format"), "format None, expected 'jaxprobe.evaluation/1'"),
+    ("words-a-string", lambda m: m.update(label_words="neg,pos"), "label_words must be a list of two or more words"),
+    ("sizes-a-list", lambda m: m.update(sizes=[1]), "sizes must be an object"),
+    ("icl-a-string", lambda m: m.update(icl="50"), "icl must be an object with an integer n"),
+]
+
+
+def _damaged_meta(source: Path, folder: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(source, folder)
+    if isinstance(edit, bytes):
+        (folder / "meta.json").write_bytes(edit)
+    else:
+        meta = json.loads((folder / "meta.json").read_text())
+        edit(meta)
+        (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
 def _one_line_error(capsys, code):
     assert code == 2
     err = capsys.readouterr().err.strip()
@@ -128,6 +152,9 @@ def test_bad_inputs_are_one_line_errors_that_overwrite_nothing(folders, iid_run,
         (["--clip", "-0.1"], "--clip must be in [0, 1)"),
         (["--temperature", "0"], "--temperature must be a positive number"),
         (["--iid", str(folders["target"])], "not a finished jaxprobe acquire run"),
+        (["--bootstrap", "2", "--bootstrap-resamples", "1"], "--bootstrap-resamples must be at least 2, not 1"),
+        *[(["--surrogate", str(_damaged_meta(folders["surrogate"], tmp_path / name, edit))], message)
+          for name, edit, message in DAMAGED_META],
         (["--acquisition", "entropy", "--surrogate-none"], None),
     ]
     for extra, message in cases[:-1]:

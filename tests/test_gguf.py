@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import jaxprobe
-from conftest import make_hf_model
+from jaxprobe.testing import make_hf_model
 from jaxprobe.convert import convert
 
 TEXTS = ["This movie was wonderful, a charming journey.", "dull", "Sentence: 'a great film' \nLabel:"]

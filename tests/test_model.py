@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import jaxprobe
-from conftest import HF_VARIANTS
+from jaxprobe.testing import HF_VARIANTS
 
 TEXTS = [
     "This movie was wonderful, a charming and often affecting journey.",

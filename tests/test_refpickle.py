@@ -91,10 +91,26 @@ def test_out_of_bounds_strides_are_refused(tmp_path):
     storage = torch.arange(4, dtype=torch.float32).untyped_storage()
     typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
     forged = _Forged(torch._utils._rebuild_tensor_v2,
-                     (typed, 2, (100,), (1,), False, collections.OrderedDict()))
+                     (typed, 2, (2,), (3,), False, collections.OrderedDict()))
     path = _write(tmp_path / "train_activations_demo_3.pkl", {"activations": [forged], "labels": [1]})
-    with pytest.raises(UserError, match=r"refused to unpickle a tensor reaching element 101"):
+    with pytest.raises(UserError, match=r"refused to unpickle a tensor reaching element 5"):
         load_reference_pickle(path)
+
+
+def test_a_zero_stride_tensor_is_refused_before_memory_is_taken(tmp_path):
+    """A few hundred bytes could otherwise ask for gigabytes (a billion elements, all one value)."""
+    import resource
+
+    storage = torch.arange(4, dtype=torch.float32).untyped_storage()
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+    forged = _Forged(torch._utils._rebuild_tensor_v2,
+                     (typed, 0, (10**9,), (0,), False, collections.OrderedDict()))
+    path = _write(tmp_path / "train_activations_demo_4.pkl", {"activations": [forged], "labels": [1]})
+    assert path.stat().st_size < 2000
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UserError, match=r"a tensor of 1000000000 elements over a 4-element storage"):
+        load_reference_pickle(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100_000  # KiB
 
 
 def test_broken_files_and_layouts_are_one_line_errors(tmp_path):

@@ -191,7 +191,7 @@ def test_two_first_uses_of_a_model_convert_it_once(tmp_path):
     import subprocess
     import sys
 
-    from conftest import make_hf_model
+    from jaxprobe.testing import make_hf_model
 
     make_hf_model(tmp_path / "hf")
     env = {**os.environ, "JAXPROBE_HOME": str(tmp_path / "home")}

@@ -33,7 +33,7 @@ from jaxprobe.active.sweep import (
     sweep_pool,
 )
 from jaxprobe.errors import UserError
-from jaxprobe.files import claim_folder, load_json, save_json, save_npy
+from jaxprobe.files import claim_folder, load_json_object, load_npy, save_json, save_npy
 from jaxprobe.moved import forward
 
 SUMMARY_FORMAT = "jaxprobe.acquire/1"
@@ -111,13 +111,13 @@ def _load_iid(directory: Path, config: AcquireConfig, pool_data: str, needed: in
     summary_path = directory / "summary.json"
     if not summary_path.is_file() or not (directory / "estimates.npy").is_file():
         raise UserError(f"--iid {directory}: no summary.json/estimates.npy; not a finished jaxprobe acquire run")
-    summary = load_json(summary_path)
+    summary = load_json_object(summary_path)
     if summary.get("config", {}).get("sweep", {}).get("acquisition") != "iid":
         raise UserError(f"--iid {directory}: that run used --acquisition "
                         f"{summary.get('config', {}).get('sweep', {}).get('acquisition')}, not iid")
     if summary.get("target_data") != pool_data:
         raise UserError(f"--iid {directory}: that run was on another target or pool than --target {config.target}")
-    estimates = np.load(directory / "estimates.npy", allow_pickle=False)
+    estimates = load_npy(directory / "estimates.npy")
     if estimates.ndim != 2 or len(estimates) < needed:
         raise UserError(f"--iid {directory}/estimates.npy: needs at least {needed} steps, has shape {estimates.shape}")
     return estimates
@@ -129,8 +129,10 @@ def run_acquire(config: AcquireConfig, *, log=print) -> dict:
         raise UserError(f"--out {out} is a file, not a folder")
     if config.true_risk not in ("test", "pool"):
         raise UserError(f"--true-risk must be test or pool, not {config.true_risk!r}")
-    if config.bootstrap < 0 or config.bootstrap_resamples < 0:
-        raise UserError("--bootstrap and --bootstrap-resamples must be >= 0")
+    if config.bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0, not {config.bootstrap}")
+    if config.bootstrap and config.bootstrap_resamples < 2:  # one resample has no variance to estimate
+        raise UserError(f"--bootstrap-resamples must be at least 2, not {config.bootstrap_resamples}")
     if config.bootstrap and config.sweep.estimator == "ase":
         raise UserError("--bootstrap needs a sampling estimator (lure, is or mean), not ase")
     for flag, value, least in (("--chunk-runs", config.chunk_runs, 1), ("--threads", config.threads, 1),

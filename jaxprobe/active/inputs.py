@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxprobe.errors import UserError
-from jaxprobe.files import load_json
+from jaxprobe.files import load_json_object, load_npy
 
 EVALUATION_FORMAT = "jaxprobe.evaluation/1"
 
@@ -41,20 +41,13 @@ def load_evaluation(directory: str | Path, subset: str = "pool", *, flag: str = 
     meta_path, sub = directory / "meta.json", directory / subset
     if not meta_path.is_file():
         raise UserError(f"{flag} {directory}: no meta.json; not a folder written by jaxprobe evaluate")
-    try:
-        meta = load_json(meta_path)
-    except ValueError as e:
-        raise UserError(f"{flag} {meta_path}: not valid JSON ({e})") from None
+    meta = _checked_meta(load_json_object(meta_path), f"{flag} {meta_path}")
     if not (sub / "metrics.json").is_file():
         what = "has no test subset (evaluated with --test-size 0)" if (
-            subset == "test" and meta.get("sizes", {}).get("test_size") == 0) else "is not finished"
+            subset == "test" and meta["sizes"].get("test_size") == 0) else "is not finished"
         raise UserError(f"{flag} {directory}: {subset} {what}; rerun its jaxprobe evaluate command")
-    try:
-        logits = np.load(sub / "logits.npy", allow_pickle=False)
-        labels = np.load(sub / "labels.npy", allow_pickle=False)
-        indices = np.load(sub / "indices.npy", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {sub}: cannot read its arrays ({e})") from None
+    metrics = load_json_object(sub / "metrics.json")
+    logits, labels, indices = (load_npy(sub / f"{name}.npy") for name in ("logits", "labels", "indices"))
     name = f"{flag} {sub / 'logits.npy'}"
     if logits.ndim != 2 or logits.shape[1] < 2 or logits.dtype.kind != "f":
         raise UserError(f"{name}: expected float logits [N, K>=2], got {logits.dtype} {logits.shape}")
@@ -71,8 +64,28 @@ def load_evaluation(directory: str | Path, subset: str = "pool", *, flag: str = 
         i = out_of_range[0]
         raise UserError(f"{flag} {sub / 'labels.npy'}: row {i} has label {labels[i]}, outside "
                         f"0..{logits.shape[1] - 1} for K={logits.shape[1]} logits")
+    if indices.dtype.kind not in "iu":
+        raise UserError(f"{flag} {sub / 'indices.npy'}: row indices must be integers, not {indices.dtype}")
     return Evaluation(directory, subset, logits.astype(np.float32, copy=False), labels.astype(np.int64),
-                      indices.astype(np.int64), meta, load_json(sub / "metrics.json"))
+                      indices.astype(np.int64), meta, metrics)
+
+
+def _checked_meta(meta: dict, where: str) -> dict:
+    """meta.json with the keys readers use, each of the right type."""
+    if meta.get("format") != EVALUATION_FORMAT:
+        raise UserError(f"{where}: format {meta.get('format')!r}, expected {EVALUATION_FORMAT!r}; not "
+                        "written by jaxprobe evaluate")
+    words = meta.get("label_words")
+    if not isinstance(words, list) or len(words) < 2 or not all(isinstance(w, str) for w in words):
+        raise UserError(f"{where}: label_words must be a list of two or more words, not {words!r}")
+    if not isinstance(meta.get("sizes"), dict):
+        raise UserError(f"{where}: sizes must be an object, not {meta.get('sizes')!r}")
+    icl = meta.get("icl")
+    if icl is not None and not (isinstance(icl, dict) and isinstance(icl.get("n", 0), int)):
+        raise UserError(f"{where}: icl must be an object with an integer n, not {icl!r}")
+    if not isinstance(meta.get("model"), (str, dict)):
+        raise UserError(f"{where}: model must name the evaluated model, not {meta.get('model')!r}")
+    return meta
 
 
 def check_same_rows(a: Evaluation, b: Evaluation, names: tuple[str, str] = ("--target", "--surrogate")) -> None:

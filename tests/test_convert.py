@@ -1,0 +1,212 @@
+"""Conversion refuses, in one line naming the problem, what it cannot convert faithfully, and
+writes nothing when it refuses."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxprobe.cli import main
+from jaxprobe.convert import convert
+from jaxprobe.errors import UserError
+from jaxprobe.testing import make_hf_model
+
+
+@pytest.fixture()
+def hf_folder(tmp_path):
+    make_hf_model(tmp_path / "hf", num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    return tmp_path / "hf"
+
+
+def _edit_tensors(folder, edit):
+    f = folder / "model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f)
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unknown_key_is_refused(hf_folder, tmp_path):
+    _edit_tensors(hf_folder, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": t["model.norm.weight"]}))
+    with pytest.raises(UserError, match=r"unknown tensor 'model.layers.0.self_attn.q_proj.bias'"):
+        convert(hf_folder, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_missing_key_is_refused(hf_folder, tmp_path):
+    _edit_tensors(hf_folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(UserError, match=r"missing tensor model.layers.1.mlp.up_proj.weight in "):
+        convert(hf_folder, tmp_path / "out", progress=False)
+
+
+def test_wrong_shape_is_refused(hf_folder, tmp_path):
+    def shrink(t):
+        t["model.layers.0.mlp.down_proj.weight"] = t["model.layers.0.mlp.down_proj.weight"][:, :-1].copy()
+    _edit_tensors(hf_folder, shrink)
+    with pytest.raises(UserError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \(64, 95\) but the config implies \(64, 96\)"):
+        convert(hf_folder, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("field,value", [("attention_bias", True), ("sliding_window", 4096),
+                                         ("hidden_act", "gelu"), ("some_new_field", 1)])
+def test_unsupported_config_field_is_refused(hf_folder, tmp_path, field, value):
+    _edit_config(hf_folder, **{field: value})
+    with pytest.raises(UserError, match=f"unsupported config field {field}="):
+        convert(hf_folder, tmp_path / "out", progress=False)
+
+
+def test_cli_prints_one_line_not_a_traceback(hf_folder, tmp_path):
+    _edit_config(hf_folder, attention_bias=True)
+    r = subprocess.run([sys.executable, "-m", "jaxprobe.cli", "convert", str(hf_folder), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("jaxprobe convert: error: ")
+    r = subprocess.run([sys.executable, "-m", "jaxprobe.cli", "convert", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and "model source not found" in r.stderr
+
+
+def test_info_reports_the_checkpoint(hf_folder, tmp_path, capsys):
+    from jaxprobe.cli import main
+
+    convert(hf_folder, tmp_path / "ckpt", progress=False)
+    assert main(["info", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "n_kv_heads   2" in out and "parameters:" in out
+    with pytest.raises(UserError, match="already holds a checkpoint"):
+        convert(hf_folder, tmp_path / "ckpt", progress=False)
+
+
+def _drop_field(field):
+    def edit(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        del cfg[field]
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _config_with(**changes):
+    return lambda folder: _edit_config(folder, **changes)
+
+
+def _cut(name, keep):
+    def edit(folder):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[:keep(len(data))])
+    return edit
+
+
+BROKEN_SOURCES = {
+    "config not JSON": (lambda d: (d / "config.json").write_text("{not json"), r"config.json: corrupt JSON"),
+    "config not UTF-8": (lambda d: (d / "config.json").write_bytes(b"\xff\xfe{"), r"config.json: not UTF-8"),
+    "config a list": (lambda d: (d / "config.json").write_text("[1, 2]"), r"config.json: expected a JSON object, found list"),
+    "config lacks a field": (_drop_field("hidden_size"), r"config.json: lacks the field 'hidden_size'"),
+    "a string size": (_config_with(hidden_size="64"), r"config.json: hidden_size must be an integer, not '64'"),
+    "a list size": (_config_with(num_hidden_layers=[2]), r"num_hidden_layers must be an integer, not \[2\]"),
+    "zero heads": (_config_with(num_attention_heads=0), r"num_attention_heads must be a positive integer, not 0"),
+    "a negative size": (_config_with(intermediate_size=-5), r"config.json: d_ff must be a positive integer, not -5"),
+    "a string eps": (_config_with(rms_norm_eps="small"), r"rms_norm_eps must be a number, not 'small'"),
+    "safetensors truncated": (_cut("model.safetensors", lambda n: n // 2), r"model.safetensors: not a readable safetensors file"),
+    "safetensors empty": (_cut("model.safetensors", lambda n: 0), r"model.safetensors: not a readable safetensors file"),
+    "safetensors random": (lambda d: (d / "model.safetensors").write_bytes(bytes(range(256)) * 8),
+                           r"model.safetensors: not a readable safetensors file"),
+    "index not JSON": (lambda d: (d / "model.safetensors.index.json").write_text("{oops"), r"index.json: corrupt JSON"),
+    "index without a weight map": (lambda d: (d / "model.safetensors.index.json").write_text("{}"), r"has no weight_map"),
+    "tokenizer not JSON": (lambda d: (d / "tokenizer.json").write_text("{bad"), r"tokenizer.json: not a readable tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_SOURCES))
+def test_a_broken_source_is_one_line_and_writes_nothing(hf_folder, tmp_path, capsys, case):
+    edit, message = BROKEN_SOURCES[case]
+    edit(hf_folder)
+    assert main(["convert", str(hf_folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("jaxprobe convert: error: "), err
+    assert re.search(message, err.splitlines()[-1]), err
+    assert not (tmp_path / "out").exists()
+
+
+GGUF_MAGIC = b"GGUF\x03\x00\x00\x00"
+
+
+@pytest.mark.parametrize("content", [b"", b"not a gguf" * 50, GGUF_MAGIC, GGUF_MAGIC + b"\x05" * 40],
+                         ids=["empty", "random", "magic only", "header cut"])
+def test_a_broken_gguf_is_one_line(tmp_path, capsys, content):
+    (tmp_path / "m.gguf").write_bytes(content)
+    assert main(["convert", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "m.gguf: not a readable GGUF file" in err.splitlines()[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_must_be_new_empty_or_an_unfinished_conversion(hf_folder, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("mine")
+    assert main(["convert", str(hf_folder), "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["convert", str(hf_folder), "--out", str(tmp_path / "other")]) == 2
+    assert "holds 'notes.txt', which is not a conversion" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(hf_folder), "--out", str(tmp_path / "empty")]) == 0
+
+
+def test_a_conversion_killed_anywhere_is_redone_whole(hf_folder, tmp_path, monkeypatch):
+    """Killed while writing the tokenizer, the parameters, source.json or config.json: the rerun
+    (same command) gives the same checkpoint as an uninterrupted conversion."""
+    import numpy as np
+
+    from jaxprobe import checkpoint, files
+    from jaxprobe.sharding import DEFAULT_RULES, make_mesh
+
+    class Crash(BaseException):
+        pass
+
+    def load(out):
+        cfg = checkpoint.load_config(out)
+        params = checkpoint.load_params(out, cfg, make_mesh((1, 1)), DEFAULT_RULES, np.float32)
+        tokenizer = {p.name: p.read_bytes() for p in (out / "tokenizer").iterdir()}
+        return cfg, checkpoint.load_source(out), tokenizer, params
+
+    convert(hf_folder, tmp_path / "reference", progress=False)
+    cfg, source, tokenizer, params = load(tmp_path / "reference")
+    import orbax.checkpoint as ocp
+    import shutil as shutil_module
+
+    points = {"tokenizer": (shutil_module, "copy2", (1, 2)), "params": (ocp.StandardCheckpointer, "save", (1,)),
+              "json": (files, "_atomic_write", (1, 2))}  # json: source.json, then config.json
+    for name, (owner, attribute, nths) in points.items():
+        for nth in nths:
+            out = tmp_path / f"killed-in-{name}-{nth}"
+            real, calls = getattr(owner, attribute), []
+
+            def crashing(*args, real=real, calls=calls, nth=nth, **kwargs):
+                calls.append(1)
+                if len(calls) == nth:
+                    raise Crash
+                return real(*args, **kwargs)
+
+            with monkeypatch.context() as m:
+                m.setattr(owner, attribute, crashing)
+                with pytest.raises(Crash):
+                    convert(hf_folder, out, progress=False)
+            assert not checkpoint.is_checkpoint(out)
+            convert(hf_folder, out, progress=False)
+            got = load(out)
+            assert got[0] == cfg and got[2] == tokenizer and got[1] == {**source}
+            import jax
+
+            assert jax.tree.structure(got[3]) == jax.tree.structure(params)
+            for a, b in zip(jax.tree.leaves(got[3]), jax.tree.leaves(params)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
