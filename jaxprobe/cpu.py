@@ -120,3 +120,18 @@ def compiler_options(mesh, library: str | None = None, rows_split: bool = True) 
             options["xla_cpu_multi_thread_eigen"] = False
         return options
     return None
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk under $JAXPROBE_HOME/xla: recompiling the same shapes in
+    every process costs seconds (a probe sweep, a model's forward). Programs that compile in
+    under a second are not worth the disk."""
+    import jax
+
+    from jaxprobe.files import jaxprobe_home
+
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(jaxprobe_home() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception:  # noqa: BLE001 - an optional speed-up, never a reason to fail
+        pass

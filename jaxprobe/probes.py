@@ -158,7 +158,7 @@ def summarise(values: np.ndarray, confidence: float = 0.95
     With a single seed std and the interval are NaN. Returns (mean, std, low, high), each with
     the shape of `values` without its last axis.
     """
-    from scipy import stats  # a dependency of jax itself
+    from scipy.special import stdtrit  # Student's t quantile (scipy: a dependency of jax itself)
 
     values = np.asarray(values, dtype=np.float64)
     n = values.shape[-1]
@@ -167,7 +167,7 @@ def summarise(values: np.ndarray, confidence: float = 0.95
         nan = np.full_like(mean, np.nan)
         return mean, nan, nan.copy(), nan.copy()
     std = values.std(axis=-1, ddof=1)
-    half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * std / math.sqrt(n)
+    half = stdtrit(n - 1, 0.5 + confidence / 2) * std / math.sqrt(n)
     return mean, std, mean - half, mean + half
 
 
@@ -512,7 +512,7 @@ def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, se
                       checkpoint_interval_s: float, after_block: Callable[[int], None] | None):
     from tqdm.auto import tqdm
 
-    from jaxprobe.ckpt import SweepCheckpoint
+    from jaxprobe.sweep_checkpoint import SweepCheckpoint
 
     n_groups, n_max, d_in = train.x.shape
     # Pad to whole chunks of groups with copies of group 0 (trained, then dropped).
@@ -523,11 +523,15 @@ def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, se
     train_block, evaluate = _mlp_programs(config, d_in, n_max, groups_per_step)
     tx = _optimizer(config)
 
-    init_keys, shuffle_keys = jax.vmap(_seed_keys)(jnp.asarray(seeds, jnp.uint32))
-    seed_params = jax.vmap(lambda k: _init_params(k, d_in, config.hidden))(init_keys)
-    # Every (variant, layer) group starts from the same per-seed weights (paired comparisons).
-    params = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_padded, *a.shape)), seed_params)
-    opt_state = jax.vmap(jax.vmap(tx.init))(params)
+    @jax.jit  # one compiled program (bit-identical to its ops run one by one, which compiles each)
+    def initial_state(seeds):
+        init_keys, shuffle_keys = jax.vmap(_seed_keys)(seeds)
+        seed_params = jax.vmap(lambda k: _init_params(k, d_in, config.hidden))(init_keys)
+        # Every (variant, layer) group starts from the same per-seed weights (paired comparisons).
+        params = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_padded, *a.shape)), seed_params)
+        return shuffle_keys, params, jax.vmap(jax.vmap(tx.init))(params)
+
+    shuffle_keys, params, opt_state = initial_state(jnp.asarray(seeds, jnp.uint32))
     losses = np.full((n_padded, n_seeds, config.epochs), np.nan, np.float32)
     epochs_done = 0
 

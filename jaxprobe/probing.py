@@ -164,7 +164,10 @@ def probe(cfg: ProbeConfig, log: Callable[[str], None] = print) -> dict:
     settings = _probe_settings(cfg, variants, points)
     if claim_folder(out, "probe_settings.json", settings, what="probe results") is None:
         save_json(out / "probe_settings.json", {"format": settings["format"], "settings": settings})
+    from jaxprobe.cpu import enable_compilation_cache
     from jaxprobe.probes import train_probe_sweep
+
+    enable_compilation_cache()
 
     sweeps = {}
     for recipe in cfg.recipes:

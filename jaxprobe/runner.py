@@ -39,6 +39,7 @@ from jaxprobe.cpu import (
     cpu_data_devices,
     cpu_devices_wanted,
     cpu_matmul_library,
+    enable_compilation_cache,
     host_memory_bytes,
 )
 from jaxprobe.errors import UserError
@@ -58,15 +59,6 @@ _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16
 
 
 POSITIONS = ("last", "mean")
-
-
-def _enable_compilation_cache() -> None:
-    # Recompiling the same shapes in every process costs seconds; XLA can keep them on disk.
-    try:
-        jax.config.update("jax_compilation_cache_dir", str(jaxprobe_home() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    except Exception:  # noqa: BLE001 - an optional speed-up, never a reason to fail
-        pass
 
 
 class LanguageModel:
@@ -358,7 +350,7 @@ def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float32"
     if dtype not in _DTYPES:
         raise UserError(f"dtype must be one of float32, bfloat16; not {dtype!r}")
     cpu_devices_wanted()  # a bad JAXPROBE_CPU_DEVICES stops here, with its value
-    _enable_compilation_cache()
+    enable_compilation_cache()
     src = str(src)
     if checkpoint.is_checkpoint(src):
         path = Path(src)

@@ -8,7 +8,7 @@ and the summary it printed. A benchmark that fails is written down as failed and
 run. The machine should be otherwise quiet: the scripts alternate their two sides and report
 medians, but a shared CPU still drifts.
 
-    .venv/bin/python scripts/bench_all.py                        # all five, into docs/performance.md
+    .venv/bin/python scripts/bench_all.py                        # all six, into docs/performance.md
     .venv/bin/python scripts/bench_all.py --only probe,acquire --out /tmp/performance.md
     .venv/bin/python scripts/bench_all.py --dry-run              # print the commands, run nothing
 """
@@ -59,6 +59,14 @@ BENCHMARKS = (
               "them all in one jitted program; the reference trains one probe at a time in PyTorch "
               "(timed on a few and scaled, at its best thread count). GFLOP/s against a 2048^2 fp32 "
               "matmul peak measured in the same run."),
+    Benchmark("probe-process", "A small probe job as whole processes: `jaxprobe probe` against a PyTorch script",
+              "bench_probe.py", ("--whole-process", "--repeats", "3"),
+              "One reference-style pickle pair (100 train / 300 test rows x 5,120 features, as the "
+              "reference's LLaMA-2-13B pickles), `--recipe vector-mlp --seeds 30`, timed as whole "
+              "processes: imports, reading the pickles, compilation, training, results and plot. "
+              "The other side is `scripts/torch_probe_pickle.py`, the reference's loop in a plain "
+              "PyTorch script on the same files. jaxprobe is timed once with an empty compilation "
+              "cache and then warm (the cache persists under `$JAXPROBE_HOME/xla`)."),
     Benchmark("acquire", "LURE sweeps: the vectorised sampler against a NumPy loop of the reference",
               "bench_acquire.py", (),
               "Cross-entropy acquisition + LURE, 3,000 runs x 400 labels, clip 0.1, on synthetic "

@@ -14,6 +14,7 @@ Achieved GFLOP/s count each implementation's own matmul work, against this CPU's
 matmul peak (a 2048^2 jnp matmul).
 
     .venv/bin/python scripts/bench_probe.py                 # random Gaussian activations
+    .venv/bin/python scripts/bench_probe.py --whole-process # one small job as two whole processes
     .venv/bin/python scripts/bench_probe.py --train raw=STORE --test raw=STORE \\
         --train vector-5shot=STORE --test vector-5shot=STORE
 """
@@ -61,7 +62,14 @@ def parse_args() -> tuple[BenchConfig, list[tuple[str, str]], list[tuple[str, st
                              ("groups_per_step", "(template, layer) pairs vmapped per step")]:
         p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(defaults, field),
                        help=f"{help_text} (default {getattr(defaults, field)})")
+    p.add_argument("--whole-process", action="store_true",
+                   help="time instead one small job as whole processes: `jaxprobe probe` on a pair of "
+                        "reference-style pickles (100 / 300 rows x 5120, vector-mlp, 30 seeds) vs "
+                        "scripts/torch_probe_pickle.py on the same files")
     args = p.parse_args()
+    if args.whole_process:
+        whole_process(args.repeats)
+        raise SystemExit(0)
     cfg = BenchConfig(**{f: getattr(args, f) for f in BenchConfig.__dataclass_fields__})
 
     def pairs(items, flag):
@@ -125,49 +133,68 @@ def probe_flops(n_train: int, n_test: int, d: int, hidden: int, batch: int, epoc
     return float(train + scoring)
 
 
-def torch_loop(x_train, y_train, x_test, y_test, seed: int, test_every_epoch: bool, torch):
-    """The reference notebook's training function for one (template, layer, seed)."""
-    torch.manual_seed(seed)
-    d = x_train.shape[1]
-    model = torch.nn.Sequential(torch.nn.Linear(d, 128, bias=False), torch.nn.ReLU(),
-                                torch.nn.Linear(128, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
-    criterion = torch.nn.CrossEntropyLoss()
-    train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train),
-                                               batch_size=128, shuffle=True)
-    test_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_test, y_test),
-                                              batch_size=128, shuffle=True)
-    accuracy = None
-    for epoch in range(25):
-        model.train()
-        for xb, yb in train_loader:
-            loss = criterion(model(xb), yb)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        if test_every_epoch or epoch == 24:
-            model.eval()
-            correct = 0
-            with torch.no_grad():
-                for xb, yb in test_loader:
-                    correct += (model(xb).argmax(dim=1) == yb).sum().item()
-            accuracy = correct / len(y_test)
-    return loss.item(), accuracy
-
-
 def time_torch(train, test, configurations, test_every_epoch: bool) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of the PyTorch loop over `configurations`."""
     import torch
+    from torch_probe_pickle import train_one  # the reference's loop (scripts/ is on sys.path)
 
     start, cpu_start = time.perf_counter(), time.process_time()
     for template, layer, seed in configurations:
         x_train, y_train = train[template]
         x_test, y_test = test[template]
-        torch_loop(torch.from_numpy(np.ascontiguousarray(x_train[:, layer])),
-                   torch.from_numpy(y_train.astype(np.int64)),
-                   torch.from_numpy(np.ascontiguousarray(x_test[:, layer])),
-                   torch.from_numpy(y_test.astype(np.int64)), seed, test_every_epoch, torch)
+        train_one(torch.from_numpy(np.ascontiguousarray(x_train[:, layer])),
+                  torch.from_numpy(y_train.astype(np.int64)),
+                  torch.from_numpy(np.ascontiguousarray(x_test[:, layer])),
+                  torch.from_numpy(y_test.astype(np.int64)), seed, test_every_epoch)
     return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def whole_process(repeats: int) -> None:
+    """A small probe job timed as a user runs it, imports and compilation included: the first
+    jaxprobe run with an empty compilation cache, then warm runs (the cache persists on disk)."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    seeds = 30
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rng = np.random.default_rng(0)
+        paths = {}
+        for split, n in (("train", 100), ("test", 300)):
+            labels = rng.integers(0, 2, n)
+            rows = rng.standard_normal((n, 5120), dtype=np.float32) + 0.05 * (2 * labels[:, None] - 1)
+            paths[split] = tmp / f"{split}_activations_with_prompts_demo_20.pkl"
+            with open(paths[split], "wb") as f:  # as the reference notebook wrote them
+                pickle.dump({"activations": [torch.from_numpy(r) for r in rows],
+                             "labels": labels.tolist()}, f, protocol=5)
+        env = {**os.environ, "JAXPROBE_HOME": str(tmp / "home")}
+        jaxprobe_cmd = lambda k: [sys.executable, "-m", "jaxprobe.cli", "probe", "--train", str(paths["train"]),  # noqa: E731
+                                  "--test", str(paths["test"]), "--out", str(tmp / f"out{k}"), "--recipe",
+                                  "vector-mlp", "--seeds", str(seeds), "--no-progress"]
+        torch_cmd = [sys.executable, str(Path(__file__).with_name("torch_probe_pickle.py")), str(paths["train"]),
+                     str(paths["test"]), "--seeds", str(seeds)]
+
+        def timed(cmd) -> float:
+            start = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            return time.perf_counter() - start
+
+        cold = timed(jaxprobe_cmd(0))
+        warm, plain = np.inf, np.inf
+        for k in range(1, repeats + 1):  # interleaved: load from other jobs hits both alike
+            warm = min(warm, timed(jaxprobe_cmd(k)))
+            plain = min(plain, timed(torch_cmd))
+    print(f"one small probe job as whole processes ({seeds} seeds, vector-mlp, 100 / 300 rows x 5120; "
+          f"best of {repeats}; {os.cpu_count()} CPU cores):")
+    print(f"  jaxprobe probe, empty compilation cache  {cold:6.2f} s")
+    print(f"  jaxprobe probe, warm compilation cache   {warm:6.2f} s")
+    print(f"  plain PyTorch script (torch_probe_pickle) {plain:6.2f} s")
+    print(f"  PyTorch / jaxprobe: {plain / cold:.2f}x (cold), {plain / warm:.2f}x (warm)")
 
 
 def main() -> None:

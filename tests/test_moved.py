@@ -10,6 +10,7 @@ import pytest
     ("jaxprobe.runtime", "load_model", "jaxprobe.runner"),
     ("jaxprobe.active.acquire", "run_sweep", "jaxprobe.active.sweep"),
     ("jaxprobe.active.evaluate", "load_evaluation", "jaxprobe.active.inputs"),
+    ("jaxprobe.ckpt", "SweepCheckpoint", "jaxprobe.sweep_checkpoint"),
 ])
 def test_old_names_forward_with_a_warning(old, name, new):
     import importlib

@@ -41,15 +41,15 @@ class WriteCounter:
             return real_write(path, fill)
 
         monkeypatch.setattr(files, "_atomic_write", atomic_write)
-        from jaxprobe import ckpt
+        from jaxprobe import sweep_checkpoint
 
-        real_save = ckpt.SweepCheckpoint.save
+        real_save = sweep_checkpoint.SweepCheckpoint.save
 
         def save(checkpoint, step, state, meta=None):
             self._tick(Path(checkpoint.directory) / f"{step}")
             return real_save(checkpoint, step, state, meta)
 
-        monkeypatch.setattr(ckpt.SweepCheckpoint, "save", save)
+        monkeypatch.setattr(sweep_checkpoint.SweepCheckpoint, "save", save)
 
     def _tick(self, path: Path, merge: bool = False):
         self.count += 1

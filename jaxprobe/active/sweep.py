@@ -7,7 +7,7 @@ estimate after every label, and their summary.
 
 Runs are a `vmap` over per-run keys inside one jitted `lax.scan` over steps (`sampler.py`); run r
 always uses `fold_in(key(seed, acquisition), r)`, so results do not depend on chunking, threads or
-resumption. Chunks of runs go to Orbax checkpoints (`jaxprobe.ckpt.SweepCheckpoint`), and a killed
+resumption. Chunks of runs go to Orbax checkpoints (`jaxprobe.sweep_checkpoint.SweepCheckpoint`), and a killed
 sweep resumes to the same bits.
 """
 
@@ -138,7 +138,7 @@ def sweep_pool(pool, config: SweepConfig, *, checkpoint_dir, chunk_runs: int, th
     done = 0
     ckpt = None
     if checkpoint_dir is not None:
-        from jaxprobe.ckpt import SweepCheckpoint
+        from jaxprobe.sweep_checkpoint import SweepCheckpoint
 
         ckpt = SweepCheckpoint(checkpoint_dir)
         step = ckpt.latest_step()
