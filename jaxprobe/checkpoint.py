@@ -13,6 +13,7 @@ from jaxprobe.errors import UserError
 from jaxprobe.files import load_json_object, save_json
 from jaxprobe.model import PARAM_AXES, LlamaConfig, param_shapes
 
+
 def _nest(flat: dict[tuple[str, ...], object]) -> dict:
     out: dict = {}
     for path, value in flat.items():

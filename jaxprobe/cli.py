@@ -63,12 +63,14 @@ def _config_from_args(cls, args: argparse.Namespace, **overrides):
 # ---------------------------------------------------------------- convert, info
 
 def _cmd_convert(args) -> int:
-    from jaxprobe import checkpoint
+    from jaxprobe import checkpoint, processes
     from jaxprobe.convert import convert
 
-    out = convert(args.src, args.out, dtype=args.dtype)
+    # several processes: process 0 converts, the others wait for it (and share its refusal)
+    out = Path(processes.decided(lambda: str(convert(args.src, args.out, dtype=args.dtype))))
     cfg = checkpoint.load_config(out)
-    print(f"wrote {out}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_params:,} parameters ({args.dtype})")
+    dtype = checkpoint.load_source(out).get("dtype")
+    print(f"wrote {out}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_params:,} parameters ({dtype})")
     return 0
 
 
@@ -96,8 +98,10 @@ def _add_model_commands(subparsers) -> None:
                     "embedded SmolLM2-135M-Instruct.")
     p.add_argument("src", help=f"HF folder, .gguf file, or {DEFAULT_MODEL}")
     p.add_argument("--out", required=True, help="output folder (must not hold a checkpoint already)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="parameter dtype (float32 is faster on CPUs without AMX/avx512_bf16)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="stored parameter dtype; auto keeps a bfloat16 checkpoint in bfloat16 and stores "
+                        "float16/float32/GGUF as float32, all exactly (default: %(default)s). Any "
+                        "checkpoint loads in either dtype (--dtype of the other commands)")
     p.set_defaults(func=_cmd_convert)
 
     p = subparsers.add_parser("info", help="print a checkpoint's config, parameter count and dtype")
@@ -232,13 +236,36 @@ def _add_run_arguments(g, d) -> None:
     g.add_argument("--shard-size", type=int, default=d.shard_size,
                    help="examples per store shard: the unit of resumption (default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _add_mesh_argument(g)
+
+
+def _mesh(text: str) -> tuple[int, int]:
+    try:
+        data, model = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give DATA,MODEL device counts, e.g. 8,1 or 1,8, not {text!r}") from None
+    if data < 1 or model < 1:
+        raise argparse.ArgumentTypeError(f"device counts are at least 1, not {text!r}")
+    return data, model
+
+
+def _add_mesh_argument(g) -> None:
+    g.add_argument("--mesh", type=_mesh, default=None, metavar="DATA,MODEL",
+                   help="devices on the data axis (batch rows) and the model axis (heads, MLP width): "
+                        "their product of the visible devices, spanning every process (default: all "
+                        "devices on data, on a CPU as many as copies of the weights fit)")
 
 
 def _add_probing_commands(subparsers) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
+    _add_extract_command(subparsers)
+    _add_probe_command(subparsers)
+    _add_probe_experiment_command(subparsers)
+
+
+def _add_extract_command(subparsers) -> None:
     d = ExtractConfig(out="")
     p = subparsers.add_parser(
-        "extract", formatter_class=fmt,
+        "extract", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="residual-stream activations of a labelled text sample, every layer, into a store",
         description="Run the model over a labelled sample and store every hook point's activation\n"
                     "(embeddings + each block's output) at the chosen position, all layers in one\n"
@@ -270,8 +297,10 @@ def _add_probing_commands(subparsers) -> None:
                         f"when it is at least {MIN_AUTO_PREFIX_TOKENS} tokens (default: %(default)s)")
     p.set_defaults(func=_run_extract)
 
+
+def _add_probe_command(subparsers) -> None:
     p = subparsers.add_parser(
-        "probe", formatter_class=fmt,
+        "probe", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train probes on stores (or reference pickles), all layers x variants x seeds at once",
         description="Train probes on activation stores and report test accuracy per layer with\n"
                     "95% intervals over seeds. Give one --train and one --test per variant, named\n"
@@ -297,9 +326,11 @@ def _add_probing_commands(subparsers) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_run_probe)
 
+
+def _add_probe_experiment_command(subparsers) -> None:
     e = ProbeExperimentConfig()
     p = subparsers.add_parser(
-        "probe-experiment", formatter_class=fmt,
+        "probe-experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="the reference probing experiment in one command, with seeds and intervals",
         description="IMDB, 100 train / 300 test, templates raw, vector-5shot (faithful) and\n"
                     "vector-5shot-untruncated, every layer, both recipes, 10 seeds; reports the best\n"
@@ -404,6 +435,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAU
     r.add_argument("--shard-size", type=int, default=d.shard_size,
                    help="prompts per saved shard: the unit a killed run resumes from (default: %(default)s)")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help="(default: %(default)s)")
+    _add_mesh_argument(r)
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -589,17 +621,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "probes on them, and active testing of a model's loss.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `jaxprobe COMMAND --help` for each command's options.\n"
-               "Multi-host: set JAXPROBE_DISTRIBUTED=1 (with JAX's coordinator environment "
-               "variables) to call jax.distributed.initialize() before anything else.")
+               "Several processes (hosts, or one per GPU): --distributed (or JAXPROBE_DISTRIBUTED=1) "
+               "in every process; see docs/scale.md.")
     parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (multi-host runs; reads "
-                             "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID or the "
-                             "cluster's own variables)")
+                        help="join the other processes of a run first (jax.distributed: reads "
+                             "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or "
+                             "a SLURM / Open MPI / Kubernetes cluster's own variables); process 0 "
+                             "writes, every process computes")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_model_commands, _add_demo_command, _add_probing_commands, _add_evaluate_command,
                 _add_acquire_command, _add_active_experiment_command):
         add(subparsers)
     return parser
+
+
+def _start_processes(args: argparse.Namespace) -> None:
+    """Join the other processes; only process 0 prints and shows progress (errors: every one)."""
+    from jaxprobe import processes
+
+    processes.start()
+    if not processes.is_writer():
+        if hasattr(args, "progress"):
+            args.progress = False
+        sys.stdout = open(os.devnull, "w")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -608,11 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.distributed or os.environ.get("JAXPROBE_DISTRIBUTED") == "1":
-        import jax
-
-        jax.distributed.initialize()
     try:
+        if args.distributed or os.environ.get("JAXPROBE_DISTRIBUTED") == "1":
+            _start_processes(args)
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"jaxprobe {args.command}: error: {e}", file=sys.stderr)

@@ -20,7 +20,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from jaxprobe.errors import UserError
-from jaxprobe.files import check_empty_folder, claim_empty_folder, load_json_object, release_folder
+from jaxprobe.files import (
+    check_empty_folder,
+    claim_empty_folder,
+    load_json_object,
+    release_folder,
+)
 from jaxprobe.model import LlamaConfig, RopeScaling, param_shapes
 from jaxprobe.sources import DEFAULT_MODEL
 
@@ -239,6 +244,20 @@ def unpermute_gguf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 # Readers: each yields (HF-style name, numpy array in torch layout), one tensor at a time.
 
 
+def _source_dtype(folder: Path) -> str:
+    """"bfloat16" when every tensor of an HF folder is stored in bfloat16, else "float32"."""
+    from safetensors import SafetensorError, safe_open
+
+    dtypes = set()
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(f, framework="numpy") as st:
+                dtypes |= {st.get_slice(key).get_dtype() for key in st.keys()}
+        except SafetensorError as e:
+            raise UserError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return "bfloat16" if dtypes == {"BF16"} else "float32"
+
+
 def _iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
     from safetensors import SafetensorError, safe_open
 
@@ -359,9 +378,13 @@ def _save_tokenizer_from_hf_folder(src: Path, out: Path) -> None:
 # The conversion
 
 
-def convert(src: str | Path, out: str | Path, *, dtype: str = "float32",
+def convert(src: str | Path, out: str | Path, *, dtype: str = "auto",
             progress: bool = True) -> Path:
-    """Convert `src` (HF folder, .gguf, or 'smollm2-135m') into a jaxprobe checkpoint at `out`."""
+    """Convert `src` (HF folder, .gguf, or 'smollm2-135m') into a jaxprobe checkpoint at `out`.
+
+    dtype "auto" keeps a bfloat16 checkpoint in bfloat16 (half the disk and memory of float32;
+    loading it as float32 is exact) and stores everything else (float16, float32, GGUF's
+    dequantized blocks) as float32, which holds them exactly."""
     import ml_dtypes
     from tqdm.auto import tqdm
 
@@ -369,9 +392,11 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32",
 
     kind, path = resolve_source(src)
     out = Path(out)
+    if dtype == "auto":
+        dtype = _source_dtype(path) if kind == "hf" else "float32"
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
     if np_dtype is None:
-        raise UserError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+        raise UserError(f"--dtype must be auto, float32 or bfloat16, not {dtype!r}")
     _check_output(out)  # refused before any work; nothing is written until every tensor is read
 
     if kind == "hf":

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxprobe import processes
 from jaxprobe.active.estimators import label_metrics
 from jaxprobe.active.inputs import EVALUATION_FORMAT
 from jaxprobe.batching import readable_prefix
@@ -99,6 +100,7 @@ class EvaluateConfig:
     shard_size: int = 256
     dtype: str = "float32"
     progress: bool = True
+    mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
 
     @property
     def resolved_instruction(self) -> str:
@@ -279,7 +281,7 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     if lm is None:
         from jaxprobe.runner import load_model
 
-        lm = load_model(config.model, dtype=config.dtype)
+        lm = load_model(config.model, dtype=config.dtype, mesh_shape=config.mesh)
     rows = {name: subset_rows(subsets, name) for name in SUBSET_NAMES if len(subsets["rows"][name])}
     prompts = {name: build_prompts(split.texts(r), instruction=config.resolved_instruction,
                                    answer_word=config.answer_word, examples=icl_examples)
@@ -288,7 +290,8 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     label_token_ids = resolve_label_tokens(lm.tokenize, prompts["pool"][0], config.label_words,
                                            multi_token=config.multi_token_labels, decode=decode)
     settings = _settings(config, subsets, lm, label_token_ids, icl_rows)
-    if claim_folder(out, "meta.json", settings, what="an evaluation", format=EVALUATION_FORMAT) is None:
+    claim = lambda: claim_folder(out, "meta.json", settings, what="an evaluation", format=EVALUATION_FORMAT)  # noqa: E731
+    if processes.decided(claim) is None:
         save_json(out / "meta.json", {  # first: it names the folder's settings
             "format": EVALUATION_FORMAT, "model": {"name": lm.name, "source": str(config.model),
                                                    "fingerprint": lm.fingerprint},
@@ -305,7 +308,7 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     if not (out / "subsets.json").is_file():
         save_json(out / "subsets.json", {k_: v for k_, v in subsets.items() if k_ != "subsets_id"})
 
-    todo = [name for name in rows if not (out / name / "metrics.json").is_file()]
+    todo = processes.decided(lambda: [name for name in rows if not (out / name / "metrics.json").is_file()])
     if todo:
         # One shared prefix for every prompt of this run, from whole-prompt tokenisations (the
         # "\n\n" before a query merges differently when the ICL text is tokenised on its own).
@@ -315,8 +318,9 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
         for name in todo:
             _finish_subset(out / name, rows[name], split.labels(rows[name]), k, config.shard_size,
                            extra={"prefix_tokens_cached": len(prefix)})
-    for name in rows:
-        m = _finished_subset(out, name, rows[name], split.labels(rows[name]), k)
+    metrics = processes.decided(lambda: {name: _finished_subset(out, name, rows[name], split.labels(rows[name]), k)
+                                         for name in rows})
+    for name, m in metrics.items():
         log(f"{lm.name} {config.icl}-shot {name}: n={m['n']} accuracy={m['accuracy']:.4f} "
             f"cross-entropy={m['cross_entropy']:.4f}")
     return out
@@ -367,6 +371,8 @@ def _evaluate_shards(lm, prompts: dict[str, list[list[int]]], out: Path, *, conf
 
 def _finish_subset(subset_dir: Path, rows: np.ndarray, labels: np.ndarray, n_classes: int, shard_size: int,
                    extra: dict) -> None:
+    if not processes.is_writer():
+        return
     ShardedArrayWriter(subset_dir, len(rows), (n_classes,), shard_size).merge(subset_dir / "logits.npy")
     logits = load_npy(subset_dir / "logits.npy")
     save_npy(subset_dir / "labels.npy", labels)

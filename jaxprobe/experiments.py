@@ -45,7 +45,15 @@ from jaxprobe.active.sweep import run_sweep, summarise_sweep
 from jaxprobe.errors import UserError
 from jaxprobe.evaluate import DEFAULT_SIZES, EvaluateConfig, run_evaluate
 from jaxprobe.extract import ExtractConfig, extract
-from jaxprobe.files import claim_folder, load_npy, save_json, save_npy, save_text
+from jaxprobe.files import (
+    claim_folder,
+    is_leftover,
+    load_npy,
+    release_folder,
+    save_json,
+    save_npy,
+    save_text,
+)
 from jaxprobe.probing import RECIPES, ProbeConfig, probe
 from jaxprobe.report import (
     METHOD_NAMES,
@@ -85,6 +93,7 @@ class ProbeExperimentConfig:
     dtype: str = "float32"
     text_column: str = "text"
     label_column: str = "label"
+    mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
     progress: bool = True
 
 
@@ -108,7 +117,7 @@ def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = pr
         f"templates {', '.join(cfg.templates)}, recipes {', '.join(cfg.recipes)}, {cfg.seeds} seeds "
         f"-> {out} (rerun the same command to resume)")
     log(f"loading model {cfg.model} ({cfg.dtype})")
-    lm = load_model(cfg.model, dtype=cfg.dtype)
+    lm = load_model(cfg.model, dtype=cfg.dtype, mesh_shape=cfg.mesh)
     stores = {}
     for step, (template, split, n) in enumerate(jobs, 1):
         name = f"{prompts.variant_name(template)}-{split}".replace("/", "_")
@@ -194,7 +203,7 @@ class ActiveExperimentConfig:
     def settings(self) -> dict:
         """What decides the results; batch size, progress bars and the output path do not."""
         ev = dataclasses.asdict(self.resolved_evaluate)
-        for key in ("out", "batch_size", "progress", "model", "icl", "subsets"):
+        for key in ("out", "batch_size", "progress", "model", "icl", "subsets", "mesh"):
             ev.pop(key)
         ev["label_words"] = list(ev["label_words"])
         return {"model": self.model, "surrogate_model": self.surrogate_model, "icl": self.icl,
@@ -251,13 +260,24 @@ def active_experiment(config: ActiveExperimentConfig, *, log=print) -> dict:
     _check_config(config)
     out = config.out_dir
     settings = config.settings()
-    if claim_folder(out, "experiment.json", settings, what="an active-testing experiment",
-                    format=EXPERIMENT_FORMAT) is None:
+    created = not out.exists()
+    new = claim_folder(out, "experiment.json", settings, what="an active-testing experiment",
+                       format=EXPERIMENT_FORMAT) is None
+    if new:
         save_json(out / "experiment.json", {"format": EXPERIMENT_FORMAT, "settings": settings})
     else:
         log(f"continuing the experiment in {out}")
-
-    evaluations = _run_evaluations(config, out, log)
+    try:
+        evaluations = _run_evaluations(config, out, log)
+    except UserError:
+        # A flag only evaluate can check (label words, sizes against the data) was wrong: take back
+        # the settings just written, so the corrected command is not refused as "other settings".
+        if new and not [p for p in out.iterdir() if p.name != "experiment.json" and not is_leftover(p)]:
+            (out / "experiment.json").unlink()
+            release_folder(out)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
     surrogate = evaluations.pop("surrogate")
     per_target = {}
     for target_name, (folder, offset) in evaluations.items():
@@ -296,7 +316,7 @@ def _run_evaluations(config: ActiveExperimentConfig, out: Path, log) -> dict:
     folders = {"0shot": out / "evaluations" / "target-0shot",
                f"{config.icl}shot": out / "evaluations" / f"target-{config.icl}shot"}
     log(f"loading {config.model}")
-    lm = load_model(config.model, dtype=base.dtype)
+    lm = load_model(config.model, dtype=base.dtype, mesh_shape=base.mesh)
     zero = dataclasses.replace(base, out=str(folders["0shot"]), model=config.model, icl=0)
     run_evaluate(zero, lm=lm, log=log)
     same_rows = dict(pool_size=None, test_size=None, icl_candidates=None, seed=None,
@@ -308,7 +328,7 @@ def _run_evaluations(config: ActiveExperimentConfig, out: Path, log) -> dict:
     if config.surrogate_model is not None:
         surrogate_folder = out / "evaluations" / f"surrogate-{config.icl}shot"
         del lm
-        lm = load_model(config.surrogate_model, dtype=base.dtype)
+        lm = load_model(config.surrogate_model, dtype=base.dtype, mesh_shape=base.mesh)
         run_evaluate(dataclasses.replace(few, out=str(surrogate_folder), model=config.surrogate_model),
                      lm=lm, log=log)
     surrogate = load_evaluation(surrogate_folder, "pool", flag="surrogate")

@@ -49,6 +49,7 @@ class ExtractConfig:
     text_column: str = "text"
     label_column: str = "label"
     progress: bool = True
+    mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def extract(cfg: ExtractConfig, lm=None, log: Callable[[str], None] = print) -> 
         from jaxprobe.runner import load_model
 
         log(f"loading model {cfg.model} ({cfg.dtype})")
-        lm = load_model(cfg.model, dtype=cfg.dtype)
+        lm = load_model(cfg.model, dtype=cfg.dtype, mesh_shape=cfg.mesh)
     elif np.dtype(lm.dtype).name != cfg.dtype:
         raise ValueError(f"the loaded model is {np.dtype(lm.dtype).name}, the config asks for {cfg.dtype}")
     if cfg.max_length is not None and cfg.max_length > lm.config.max_position:

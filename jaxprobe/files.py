@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxprobe import processes
 from jaxprobe.errors import UserError
 
 
@@ -36,7 +37,10 @@ def _one_line(error: OSError, folder: Path) -> Exception:
 
 def _atomic_write(path: Path, fill: Callable[[str], None]) -> None:
     """`fill(tmp)` writes the whole content to a temp file beside `path`, which then replaces
-    `path` in one rename: `path` is whole or absent, never half-written."""
+    `path` in one rename: `path` is whole or absent, never half-written. Only the writing process
+    writes (see jaxprobe/processes.py); in the others this does nothing."""
+    if not processes.is_writer():
+        return
     path = Path(path)
     tmp = None
     try:
@@ -169,7 +173,7 @@ def claim_folder(out: str | os.PathLike, marker: str, settings: dict, *, what: s
             raise UserError(f"{out} holds {what} made with other settings "
                             f"({_first_difference(stored['settings'], settings)}); choose another "
                             "--out (nothing was changed)")
-    elif out.is_dir() and any(not _leftover(p) for p in out.iterdir()):
+    elif out.is_dir() and any(not is_leftover(p) for p in out.iterdir()):
         raise UserError(f"--out {out} is not empty and holds no {marker}; refusing to write into "
                         "it (choose an empty or new folder)")
     _claim(out)
@@ -189,7 +193,7 @@ def check_empty_folder(out: str | os.PathLike, *, allowed: tuple[str, ...] = (),
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     if out.is_dir():
-        others = sorted(p.name for p in out.iterdir() if p.name not in allowed and not _leftover(p))
+        others = sorted(p.name for p in out.iterdir() if p.name not in allowed and not is_leftover(p))
         if others:
             raise UserError(f"--out {out} holds {others[0]!r}, which is not {what}; choose an empty "
                             "or new folder (nothing was changed)")
@@ -215,7 +219,7 @@ def _claim(out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _leftover(path: Path) -> bool:
+def is_leftover(path: Path) -> bool:
     """What a killed jaxprobe run leaves in a folder it had not yet written a file to."""
     return path.name == LOCK or (path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp"))
 
@@ -301,14 +305,13 @@ class ShardedArrayWriter:
         return shard
 
     def pending(self) -> list[int]:
-        """Indices of the shards still to compute; the finished ones are checked on the way."""
-        todo = []
-        for index in range(len(self.slices)):
-            if self.shard_path(index).is_file():
-                self._checked(index)
-            else:
-                todo.append(index)
-        return todo
+        """Indices of the shards still to compute, as the writing process sees them (the others
+        compute the same ones); the finished ones are checked on the way."""
+        def todo() -> list[int]:
+            return [index for index in range(len(self.slices))
+                    if not self.shard_path(index).is_file() or self._checked(index) is None]
+
+        return processes.decided(todo)
 
     def write(self, index: int, rows: np.ndarray) -> None:
         save_npy(self.shard_path(index), np.asarray(rows, dtype=np.float32))
@@ -316,6 +319,8 @@ class ShardedArrayWriter:
     def merge(self, path: str | os.PathLike) -> None:
         """All shards into `path` (in this folder's file system): checked first, written to a temp
         file beside it and renamed, so `path` is whole or absent; then the shards are removed."""
+        if not processes.is_writer():
+            return
         path = Path(path)
         remove_stale_temp_files(path.parent)
         shards = [self._checked(i) for i in range(len(self.slices))]

@@ -158,7 +158,9 @@ def summarise(values: np.ndarray, confidence: float = 0.95
     With a single seed std and the interval are NaN. Returns (mean, std, low, high), each with
     the shape of `values` without its last axis.
     """
-    from scipy.special import stdtrit  # Student's t quantile (scipy: a dependency of jax itself)
+    from scipy.special import (
+        stdtrit,  # Student's t quantile (scipy: a dependency of jax itself)
+    )
 
     values = np.asarray(values, dtype=np.float64)
     n = values.shape[-1]
@@ -382,6 +384,27 @@ def _optimizer(config: VectorMLPConfig) -> optax.GradientTransformation:
 def _mlp_programs(config: VectorMLPConfig, d_in: int, n_max: int, groups_per_step: int):
     """Jitted (train_block, evaluate) for one recipe setting and data shape, built once."""
     graphdef = _graphdef(d_in, config.hidden)
+    epoch = _epoch_function(config, graphdef, n_max)
+    # Seeds share the group's data (in_axes None), which is what folds them into one matmul.
+    epoch_all_seeds = jax.vmap(epoch, in_axes=(0, 0, 0, None, None, None, None))
+
+    def train_group(params, opt_state, x, y, n_rows, shuffle_keys, first_epoch, n_epochs):
+        def one_epoch(carry, epoch_index):
+            params, opt_state = carry
+            params, opt_state, loss = epoch_all_seeds(params, opt_state, shuffle_keys, epoch_index,
+                                                      x, y, n_rows)
+            return (params, opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(
+            one_epoch, (params, opt_state), first_epoch + jnp.arange(n_epochs))
+        return params, opt_state, losses.T  # losses [seeds, epochs]
+
+    return _train_block_program(train_group, groups_per_step), _evaluate_program(graphdef, groups_per_step)
+
+
+def _epoch_function(config: VectorMLPConfig, graphdef: nnx.GraphDef, n_max: int) -> Callable:
+    """One epoch of one probe: (params, opt_state, shuffle_key, epoch_index, x, y, n_rows) ->
+    (params, opt_state, the last batch's pre-update loss)."""
     tx = _optimizer(config)
     batch = config.batch_size
     n_batches = -(-n_max // batch)
@@ -397,7 +420,6 @@ def _mlp_programs(config: VectorMLPConfig, d_in: int, n_max: int, groups_per_ste
         return optax.apply_updates(params, updates), opt_state, loss
 
     def epoch(params, opt_state, shuffle_key, epoch_index, x, y, n_rows):
-        """One epoch of one probe; returns its state and the last batch's pre-update loss."""
         if n_batches == 1:
             # One batch holds every row; the mean over it does not depend on the shuffle, so
             # the rows stay in place (and the seeds share them: one matmul for all seeds).
@@ -423,21 +445,11 @@ def _mlp_programs(config: VectorMLPConfig, d_in: int, n_max: int, groups_per_ste
             (rows.reshape(n_batches, batch), valid.astype(jnp.float32).reshape(n_batches, batch)))
         return params, opt_state, last_loss
 
-    # Seeds share the group's data (in_axes None), which is what folds them into one matmul.
-    epoch_all_seeds = jax.vmap(epoch, in_axes=(0, 0, 0, None, None, None, None))
+    return epoch
 
-    def train_group(params, opt_state, x, y, n_rows, shuffle_keys, first_epoch, n_epochs):
-        def one_epoch(carry, epoch_index):
-            params, opt_state = carry
-            params, opt_state, loss = epoch_all_seeds(params, opt_state, shuffle_keys, epoch_index,
-                                                      x, y, n_rows)
-            return (params, opt_state), loss
 
-        (params, opt_state), losses = jax.lax.scan(
-            one_epoch, (params, opt_state), first_epoch + jnp.arange(n_epochs))
-        return params, opt_state, losses.T  # losses [seeds, epochs]
-
-    # One step of the loop over groups trains `groups_per_step` of them (vmapped when > 1).
+def _train_block_program(train_group: Callable, groups_per_step: int) -> Callable:
+    """The jitted loop over groups; one step trains `groups_per_step` of them (vmapped when > 1)."""
     if groups_per_step == 1:
         def take(a, start):
             return jax.lax.dynamic_index_in_dim(a, start, keepdims=False)
@@ -484,6 +496,10 @@ def _mlp_programs(config: VectorMLPConfig, d_in: int, n_max: int, groups_per_ste
         return jax.lax.fori_loop(0, n_rows.shape[0] // groups_per_step, body,
                                  (params, opt_state, losses))
 
+    return train_block
+
+
+def _evaluate_program(graphdef: nnx.GraphDef, groups_per_step: int) -> Callable:
     def n_correct(params, x, y, n_rows):
         predicted = jnp.argmax(nnx.merge(graphdef, params)(x), axis=-1)
         real = jnp.arange(x.shape[0]) < n_rows
@@ -496,7 +512,7 @@ def _mlp_programs(config: VectorMLPConfig, d_in: int, n_max: int, groups_per_ste
         return jax.lax.map(lambda args: by_seed(*args), (params, x, y, n_rows),
                            batch_size=None if groups_per_step == 1 else groups_per_step)
 
-    return train_block, evaluate
+    return evaluate
 
 
 def _sweep_meta(recipe, config, seeds, layers, names, train, test, epochs_per_block, groups_per_step):
@@ -505,6 +521,29 @@ def _sweep_meta(recipe, config, seeds, layers, names, train, test, epochs_per_bl
             "layers": list(layers), "variants": list(names),
             "train_digest": train.digest, "test_digest": test.digest,
             "epochs_per_block": epochs_per_block, "groups_per_step": groups_per_step}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _initial_state(config: VectorMLPConfig, d_in: int, n_groups: int, seeds: jax.Array):
+    """(shuffle keys, params, optimizer state) of every probe, in one compiled program
+    (bit-identical to its ops run one by one, which would compile each)."""
+    init_keys, shuffle_keys = jax.vmap(_seed_keys)(seeds)
+    seed_params = jax.vmap(lambda k: _init_params(k, d_in, config.hidden))(init_keys)
+    # Every (variant, layer) group starts from the same per-seed weights (paired comparisons).
+    params = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_groups, *a.shape)), seed_params)
+    return shuffle_keys, params, jax.vmap(jax.vmap(_optimizer(config).init))(params)
+
+
+def _restore_checkpoint(ckpt, meta: dict, like: dict) -> dict:
+    """The latest checkpoint of this sweep, refused in one line if it was made by another."""
+    step = ckpt.latest_step()
+    saved_meta = ckpt.restore_meta(step)
+    if saved_meta != meta:
+        changed = sorted(k for k in meta if saved_meta.get(k) != meta[k])
+        raise UserError(f"checkpoint folder {ckpt.directory} holds a different probe sweep "
+                        f"(differs in: {', '.join(changed)}); use another folder or "
+                        f"delete it to start over")
+    return ckpt.restore(step, like)[0]
 
 
 def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, seeds, layers,
@@ -521,17 +560,8 @@ def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, se
                                  for a in (train.x, train.y, train.n_rows))
     n_seeds = len(seeds)
     train_block, evaluate = _mlp_programs(config, d_in, n_max, groups_per_step)
-    tx = _optimizer(config)
 
-    @jax.jit  # one compiled program (bit-identical to its ops run one by one, which compiles each)
-    def initial_state(seeds):
-        init_keys, shuffle_keys = jax.vmap(_seed_keys)(seeds)
-        seed_params = jax.vmap(lambda k: _init_params(k, d_in, config.hidden))(init_keys)
-        # Every (variant, layer) group starts from the same per-seed weights (paired comparisons).
-        params = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_padded, *a.shape)), seed_params)
-        return shuffle_keys, params, jax.vmap(jax.vmap(tx.init))(params)
-
-    shuffle_keys, params, opt_state = initial_state(jnp.asarray(seeds, jnp.uint32))
+    shuffle_keys, params, opt_state = _initial_state(config, d_in, n_padded, jnp.asarray(seeds, jnp.uint32))
     losses = np.full((n_padded, n_seeds, config.epochs), np.nan, np.float32)
     epochs_done = 0
 
@@ -547,14 +577,7 @@ def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, se
 
     try:
         if ckpt is not None and ckpt.latest_step() is not None:
-            step = ckpt.latest_step()
-            saved_meta = ckpt.restore_meta(step)
-            if saved_meta != meta:
-                changed = sorted(k for k in meta if saved_meta.get(k) != meta[k])
-                raise UserError(f"checkpoint folder {checkpoint_dir} holds a different probe sweep "
-                                f"(differs in: {', '.join(changed)}); use another folder or "
-                                f"delete it to start over")
-            saved, _ = ckpt.restore(step, as_checkpoint(leaves, losses, 0))
+            saved = _restore_checkpoint(ckpt, meta, as_checkpoint(leaves, losses, 0))
             leaves = [saved["probe_state"][f"{i:03d}"] for i in range(len(leaves))]
             losses = np.asarray(saved["train_loss_by_epoch"])
             epochs_done = int(saved["epochs_done"])

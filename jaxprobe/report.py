@@ -56,7 +56,9 @@ def probe_table(results: dict) -> str:
 
 def plot_accuracy_by_layer(results: dict, path: Path) -> None:
     """Test accuracy vs layer, one line per (variant, recipe), 95% bands over seeds."""
-    from matplotlib.figure import Figure  # not pyplot: no GUI backend, half a second less to import
+    from matplotlib.figure import (
+        Figure,  # not pyplot: no GUI backend, half a second less to import
+    )
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
@@ -89,7 +91,9 @@ def plot_accuracy_by_layer(results: dict, path: Path) -> None:
 
 
 def _t_quantile_975(dof: int) -> float:
-    from scipy.special import stdtrit  # Student's t quantile; scipy.stats takes ~1 s to import
+    from scipy.special import (
+        stdtrit,  # Student's t quantile; scipy.stats takes ~1 s to import
+    )
 
     return float(stdtrit(dof, 0.975)) if dof > 0 else float("nan")
 

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxprobe import checkpoint
+from jaxprobe import checkpoint, processes
 from jaxprobe.batching import (
     bucket_length,
     forward_flops,
@@ -52,13 +53,25 @@ from jaxprobe.model import (
     forward,
     prefix_forward,
 )
-from jaxprobe.sharding import DEFAULT_RULES, ShardingRules, make_mesh
+from jaxprobe.sharding import (
+    DEFAULT_RULES,
+    ShardingRules,
+    accelerator_mesh_shape,
+    make_mesh,
+    replicated_on_model_axis,
+)
 from jaxprobe.sources import DEFAULT_MODEL
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
 
 POSITIONS = ("last", "mean")
+
+
+@jax.jit
+def _bit_sum(x: jax.Array) -> jax.Array:
+    bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+    return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
 
 
 class LanguageModel:
@@ -87,10 +100,13 @@ class LanguageModel:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the config and per-tensor float64 sums of the weights: equal means same model."""
+        """sha256 over the config, the weights' dtype and, per tensor, the sum of its elements' bit
+        patterns modulo 2^32: equal means same model. Integer sums are exact in any order, so the
+        fingerprint is the same on every mesh and number of processes (a float sum is not)."""
         if self._fingerprint is None:
             h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-            sums = jax.tree.map(lambda x: float(jnp.sum(x.astype(jnp.float32))), nnx.to_pure_dict(self.state))
+            h.update(np.dtype(self.dtype).name.encode())
+            sums = jax.tree.map(lambda x: int(_bit_sum(x)), nnx.to_pure_dict(self.state))
             h.update(json.dumps(sums, sort_keys=True).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
@@ -177,7 +193,8 @@ class LanguageModel:
                        compiler_options=compiler_options(self.mesh, rows_split=False))
 
     def prefix_cache(self, prefix_tokens: Sequence[int]) -> PrefixCache:
-        return self._prefix_program(self.state, jnp.asarray(prefix_tokens, jnp.int32))
+        tokens = processes.to_global(np.asarray(prefix_tokens, np.int32), NamedSharding(self.mesh, P()))
+        return self._prefix_program(self.state, tokens)
 
     # ---------------------------------------------------------------- the main entry
 
@@ -217,11 +234,12 @@ class LanguageModel:
         n_tokens, t0 = 0, time.perf_counter()
         for rows, shape in zip(batches, shapes):
             batch = pad_batch([suffixes[i] for i in rows], len(prefix), shape)
+            batch = [processes.to_global(a, self._batch_sharding(a.ndim)) for a in batch]
             res = programs[shape](self.state, *batch, logit_ids, cache)
             take = len(rows)
             for key, value in (("activations", res.residual), ("final_norm", res.final_norm), ("logits", res.logits)):
                 if key in out:
-                    out[key][rows] = np.asarray(value)[:take]
+                    out[key][rows] = processes.to_host(value)[:take]
             n_tokens += sum(len(ids[i]) for i in rows)
             bar.update(take)
             bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tok/s")
@@ -256,7 +274,7 @@ class LanguageModel:
         bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        return jnp.asarray(token_ids, jnp.int32)
+        return processes.to_global(np.asarray(token_ids, np.int32), NamedSharding(self.mesh, P()))
 
     def _plan(self, suffixes: list[list[int]], batch_size: int, prefix_length: int, **program):
         """The batches (longest first: a batch too large for memory fails at once, not at the
@@ -335,6 +353,21 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def _default_mesh_shape(cfg: LlamaConfig, abstract, dtype) -> tuple[int, int]:
+    """All devices on 'data' on a CPU host (as many as copies of the weights fit in half its
+    memory); on accelerators the smallest model axis that fits the weights (printed once)."""
+    if jax.default_backend() == "cpu":
+        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract)))
+        return cpu_data_devices(jax.device_count(), param_bytes, host_memory_bytes()), 1
+    stats = jax.local_devices()[0].memory_stats() or {}
+    device_bytes = int(stats.get("bytes_limit", 16 << 30))
+    shape = accelerator_mesh_shape(cfg, jax.device_count(), device_bytes, np.dtype(dtype).itemsize)
+    if processes.is_writer():
+        print(f"mesh: {shape[0]} data x {shape[1]} model over {jax.device_count()} {jax.default_backend()} "
+              f"devices of {device_bytes / 2**30:.0f} GiB (choose with --mesh DATA,MODEL)", file=sys.stderr)
+    return shape
+
+
 def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float32",
                mesh_shape: tuple[int, int] | None = None, rules: ShardingRules = DEFAULT_RULES) -> LanguageModel:
     """Load a model for reading activations and logits.
@@ -358,17 +391,26 @@ def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float32"
     else:
         path = _converted_path(src, "float32")
         name = DEFAULT_MODEL if src.lower() in (DEFAULT_MODEL, "smollm2", "default") else Path(src).stem
-        if not checkpoint.is_checkpoint(path):
+        if not checkpoint.is_checkpoint(path) and processes.is_writer():
             _convert_once(src, path)
+        processes.barrier("jaxprobe: converted")  # the others wait for process 0's conversion
+        if not checkpoint.is_checkpoint(path):
+            raise UserError(f"{path} (converted by process 0) is not visible here: $JAXPROBE_HOME must be "
+                            "on a file system every process sees")
     cfg = checkpoint.load_config(path)
     abstract = nnx.eval_shape(lambda: Llama(cfg, dtype=_DTYPES[dtype], rngs=nnx.Rngs(0)))
-    if mesh_shape is None and jax.default_backend() == "cpu":
-        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract)))
-        mesh_shape = (cpu_data_devices(jax.device_count(), param_bytes, host_memory_bytes()), 1)
+    if mesh_shape is None:
+        mesh_shape = _default_mesh_shape(cfg, abstract, _DTYPES[dtype])
+    if jax.default_backend() != "cpu" and dtype == "float32":
+        jax.config.update("jax_default_matmul_precision", "highest")  # fp32 means fp32, not TF32
     try:
         mesh = make_mesh(mesh_shape)
     except ValueError as e:
         raise UserError(str(e)) from None
+    replicated = replicated_on_model_axis(cfg, mesh.devices.shape, rules)
+    if replicated and processes.is_writer():
+        print(f"note: the model axis ({mesh.devices.shape[1]} devices) does not divide {', '.join(replicated)}; "
+              "those are replicated on it", file=sys.stderr)
     params = checkpoint.load_params(path, cfg, mesh, rules, _DTYPES[dtype])
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)

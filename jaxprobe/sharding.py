@@ -8,10 +8,13 @@ replicated rather than failing: correctness first, the table says what is prefer
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxprobe import processes
 
 MESH_AXES = ("data", "model")
 
@@ -71,5 +74,60 @@ def make_mesh(shape: tuple[int, int] | None = None) -> jax.sharding.Mesh:
     shape = shape or (n, 1)
     if shape[0] < 1 or shape[1] < 1 or shape[0] * shape[1] > n:
         raise ValueError(f"mesh shape {shape} needs {shape[0] * shape[1]} devices; {n} are visible")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
-                         devices=jax.devices()[: shape[0] * shape[1]])
+    devices = jax.devices()[: shape[0] * shape[1]]
+    processes.check_mesh_spans_every_process(devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def _mesh_sizes(mesh_shape: tuple[int, int]):
+    """Something with a mesh's `.shape` mapping, for planning without devices."""
+    import types
+
+    return types.SimpleNamespace(shape=dict(zip(MESH_AXES, mesh_shape)))
+
+
+def weight_bytes_per_device(cfg, mesh_shape: tuple[int, int], dtype_bytes: int,
+                            rules: ShardingRules = DEFAULT_RULES) -> int:
+    """Bytes of model weights each device holds on a (data, model) mesh: what the rules shard over
+    'model' is divided, the rest replicated (every 'data' replica holds a whole copy)."""
+    from jaxprobe.model import PARAM_AXES, param_shapes
+
+    mesh = _mesh_sizes(mesh_shape)
+    total = 0
+    for path, shape in param_shapes(cfg).items():
+        spec = rules.spec(PARAM_AXES[path], shape, mesh)
+        split = 1
+        for axis in spec:
+            if axis is not None:
+                split *= mesh.shape[axis]
+        total += math.prod(shape) // split * dtype_bytes
+    return total
+
+
+def replicated_on_model_axis(cfg, mesh_shape: tuple[int, int], rules: ShardingRules = DEFAULT_RULES) -> list[str]:
+    """The parameters a mesh's model axis cannot split (a size it does not divide), which every
+    device then holds whole: `["blocks.attn.wqkv (kv_heads 8)", ...]`."""
+    from jaxprobe.model import PARAM_AXES, param_shapes
+
+    if mesh_shape[1] == 1:
+        return []
+    mesh = _mesh_sizes(mesh_shape)
+    table = dict(rules.rules)
+    notes = []
+    for path, shape in param_shapes(cfg).items():
+        spec = rules.spec(PARAM_AXES[path], shape, mesh)
+        for name, size, axis in zip(PARAM_AXES[path], shape, spec):
+            if table.get(name) == "model" and axis is None:
+                notes.append(f"{'.'.join(path)} ({name} {size})")
+    return notes
+
+
+def accelerator_mesh_shape(cfg, n_devices: int, device_bytes: int, dtype_bytes: int,
+                           rules: ShardingRules = DEFAULT_RULES) -> tuple[int, int]:
+    """The default (data, model) mesh on GPUs/TPUs: the smallest model axis (a divisor of the device
+    count) whose share of the weights fits in half a device's memory (the rest is for activations),
+    every remaining device on data. A model that fits nowhere gets every device on model."""
+    for model in (m for m in range(1, n_devices + 1) if n_devices % m == 0):
+        if weight_bytes_per_device(cfg, (n_devices // model, model), dtype_bytes, rules) <= device_bytes // 2:
+            return n_devices // model, model
+    return 1, n_devices

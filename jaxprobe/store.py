@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxprobe import processes
 from jaxprobe.errors import UserError
 from jaxprobe.files import (
     ShardedArrayWriter,
@@ -122,15 +123,22 @@ def write_store(out: str | os.PathLike, *, prompts: Sequence[str], labels: Seque
                     "activations": ACTIVATIONS, "labels": LABELS,
                     "sample_indices": SAMPLE_INDICES, "prompts": PROMPTS}}
 
-    stored = claim_folder(out, MANIFEST, identity, what="an activation store", format=STORE_FORMAT)
-    if stored is not None:
-        if stored.get("complete") and (out / ACTIVATIONS).is_file():
+    def claim() -> dict:
+        stored = claim_folder(out, MANIFEST, identity, what="an activation store", format=STORE_FORMAT)
+        complete = bool(stored and stored.get("complete") and (out / ACTIVATIONS).is_file())
+        if complete:
             _check_array(out / ACTIVATIONS, shape, np.float32)
-            _check_side_files(out, labels, sample_indices)
             shutil.rmtree(out / "shards", ignore_errors=True)  # left over if killed at the very end
-            log(f"{out}: already complete ({n} examples)")
-            return out
-        _check_side_files(out, labels, sample_indices)
+        if stored is not None:
+            _check_side_files(out, labels, sample_indices)
+        return {"stored": stored, "complete": complete}
+
+    claimed = processes.decided(claim)  # process 0 reads the folder; every process acts on it
+    stored = claimed["stored"]
+    if claimed["complete"]:
+        log(f"{out}: already complete ({n} examples)")
+        return out
+    if stored is not None:
         manifest = {**manifest, "created": stored.get("created")}
         log(f"{out}: resuming an unfinished store")
     else:

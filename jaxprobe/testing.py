@@ -76,6 +76,12 @@ def on_one_device(lm):
     return LanguageModel(model, lm.tokenizer, name=lm.name, mesh=mesh)
 
 
+def tiny_job(root: Path, model, n_rows: int, seed: int) -> dict:
+    """What a command-line test needs: {"root", "model", "data"} with a tiny labelled data set."""
+    data = write_tiny_dataset(Path(root) / "data.parquet", n_rows, seed=seed)
+    return {"root": Path(root), "model": str(model), "data": str(data)}
+
+
 def write_tiny_dataset(path: Path, n_rows: int, seed: int) -> Path:
     """A labelled parquet file of short sentences (trailing spaces, as SST-2 has) in the tiny
     tokenizer's words; labels are random, so a random model is as good as anything on it."""

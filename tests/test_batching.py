@@ -9,8 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from jaxprobe import batching, cpu
-from jaxprobe.errors import UserError
+from jaxprobe import batching
 from jaxprobe.model import LlamaConfig
 from jaxprobe.batching import (BATCH_OVERHEAD_TOKENS, MAX_ROWS_FACTOR, MIN_BATCH_TOKENS, batch_row_counts,
                                bucket_length, forward_flops, padded_rows, plan_batches,
@@ -111,20 +110,6 @@ def test_row_counts_are_halvings_and_doublings_rounded_to_the_data_axis():
     assert batch_row_counts(6, 4) == [4, 8, 12, 24, 48]
     assert [padded_rows(k, 8) for k in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
     assert plan_batches([], 8) == []
-
-
-def test_cpu_matmul_library_pays_for_onednn_only_on_long_work(monkeypatch):
-    monkeypatch.delenv("JAXPROBE_CPU_MATMUL", raising=False)
-    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
-    assert cpu.cpu_matmul_library(0.0) == "eigen"  # short: Eigen, whose compile XLA caches on disk
-    assert cpu.cpu_matmul_library(cpu.ONEDNN_MIN_FLOPS) == "onednn"
-    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
-    assert cpu.cpu_matmul_library(1e18) == "eigen"  # jaxlib ships oneDNN on x86-64 only
-    monkeypatch.setenv("JAXPROBE_CPU_MATMUL", "YNNPACK")
-    assert cpu.cpu_matmul_library(0.0) == "ynnpack"
-    monkeypatch.setenv("JAXPROBE_CPU_MATMUL", "mkl")
-    with pytest.raises(UserError, match="JAXPROBE_CPU_MATMUL='mkl'"):
-        cpu.cpu_matmul_library(0.0)
 
 
 def test_forward_flops_counts_weights_and_causal_attention():

@@ -210,3 +210,25 @@ def test_a_conversion_killed_anywhere_is_redone_whole(hf_folder, tmp_path, monke
             assert jax.tree.structure(got[3]) == jax.tree.structure(params)
             for a, b in zip(jax.tree.leaves(got[3]), jax.tree.leaves(params)):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_bfloat16_checkpoint_stays_bfloat16_and_loads_exactly_as_float32(hf_folder, tmp_path):
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from jaxprobe.checkpoint import load_source
+    from jaxprobe.runner import load_model
+
+    LlamaForCausalLM.from_pretrained(hf_folder).to(torch.bfloat16).save_pretrained(hf_folder)
+    convert(hf_folder, tmp_path / "auto", progress=False)
+    convert(hf_folder, tmp_path / "f32", dtype="float32", progress=False)
+    assert load_source(tmp_path / "auto")["dtype"] == "bfloat16"
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata((tmp_path / "auto" / "params").absolute()).item_metadata
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(stored)} == {"bfloat16"}
+    auto, f32 = load_model(tmp_path / "auto"), load_model(tmp_path / "f32")
+    np.testing.assert_array_equal(auto.activations(["a charming film"]), f32.activations(["a charming film"]))
+    assert auto.fingerprint == f32.fingerprint

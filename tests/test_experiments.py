@@ -34,11 +34,9 @@ def test_table_rows_follow_the_papers_budget_rule():
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, tiny_ckpt):
-    from jaxprobe.testing import write_tiny_dataset
+    from jaxprobe.testing import tiny_job
 
-    root = tmp_path_factory.mktemp("experiment")
-    data = write_tiny_dataset(root / "data.parquet", 100, seed=1)
-    return {"root": root, "model": str(tiny_ckpt), "data": str(data)}
+    return tiny_job(tmp_path_factory.mktemp("experiment"), tiny_ckpt, 100, seed=1)
 
 
 def _argv(setup, out, *extra):
@@ -113,7 +111,10 @@ def test_experiment_bad_flags_write_nothing(tiny_setup, capsys):
     for extra, message in ((("--size", "41"), "--size 41 is larger than the pool"),
                            (("--clip", "1.0"), "--clip must be in [0, 1)"),
                            (("--acquisitions", "cross-entropy,magic"), "unknown acquisition 'magic'"),
-                           (("--test-size", "0"), "needs a test subset")):
+                           (("--test-size", "0"), "needs a test subset"),
+                           # checked by evaluate, after the experiment has claimed its folder
+                           (("--label-words", "a,zzqx"), "label word 'zzqx' is"),
+                           (("--pool-size", "100000"), "but the split has only")):
         out = tiny_setup["root"] / "bad"
         assert cli.main(_argv(tiny_setup, out, *extra)) == 2
         assert message in capsys.readouterr().err

@@ -125,6 +125,14 @@ def _load_iid(directory: Path, config: AcquireConfig, pool_data: str, needed: in
 
 def run_acquire(config: AcquireConfig, *, log=print) -> dict:
     out = Path(config.out)
+    _check_flags(config)
+    target, surrogate, test = load_inputs(config)
+    return _run_acquire_checked(config, out, target, surrogate, test, log)
+
+
+def _check_flags(config: AcquireConfig) -> None:
+    """Every flag that needs no input read, refused in one line."""
+    out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     if config.true_risk not in ("test", "pool"):
@@ -141,7 +149,9 @@ def run_acquire(config: AcquireConfig, *, log=print) -> dict:
             raise UserError(f"{flag} must be at least {least}, not {value}")
     if config.bootstrap > config.sweep.runs:
         raise UserError(f"--bootstrap {config.bootstrap} is more than --runs {config.sweep.runs}")
-    target, surrogate, test = load_inputs(config)
+
+
+def _run_acquire_checked(config: AcquireConfig, out: Path, target, surrogate, test, log) -> dict:
     sweep = config.sweep
     sweep.check(len(target.labels))
     outside = [b for b in config.bootstrap_budgets or () if not 1 <= b <= sweep.size]
