@@ -45,11 +45,15 @@ BATCH_OVERHEAD_TOKENS = 128
 # model. Twice that also merged batches of different lengths and ran the warm forward benchmark's
 # batch-8 job 3-5% slower (two runs of 5 and 8 alternating pairs); this much, 0.976x (6 pairs).
 SHAPE_OVERHEAD_FLOPS = 3e10
+# On accelerators a new shape costs more time (a compile takes seconds) and far more work (a GPU
+# does tens of TFLOP/s): about 1 s of 50 TFLOP/s. An estimate, to be measured on a lent GPU.
+SHAPE_OVERHEAD_FLOPS_BY_BACKEND = {"cpu": SHAPE_OVERHEAD_FLOPS, "gpu": 5e13, "tpu": 5e13}
 
 
-def shape_overhead_tokens(cfg: LlamaConfig) -> float:
-    """`SHAPE_OVERHEAD_FLOPS` in tokens of this model's forward pass."""
-    return SHAPE_OVERHEAD_FLOPS / forward_flops(cfg, 1, 1)
+def shape_overhead_tokens(cfg: LlamaConfig, backend: str = "cpu") -> float:
+    """What one more batch shape costs on `backend`, in tokens of this model's forward pass."""
+    flops = SHAPE_OVERHEAD_FLOPS_BY_BACKEND.get(backend, SHAPE_OVERHEAD_FLOPS_BY_BACKEND["gpu"])
+    return flops / forward_flops(cfg, 1, 1)
 
 
 # A batch of texts shorter than the run's longest may hold more than batch_size rows: as many as

@@ -26,9 +26,15 @@ def _nest(flat: dict[tuple[str, ...], object]) -> dict:
 
 def save_checkpoint(out: Path, cfg: LlamaConfig, params: dict[tuple[str, ...], np.ndarray],
                     source: dict) -> None:
+    """Write a checkpoint folder; `params` is consumed (its arrays move to the checkpoint)."""
     import orbax.checkpoint as ocp
 
     out = Path(out).absolute()
+    # Orbax copies numpy leaves before writing, but not jax arrays: moving each array in turn
+    # (and dropping the numpy one, which the caller hands over) keeps one copy of the model.
+    cpu = jax.local_devices(backend="cpu")[0]
+    for path in list(params):
+        params[path] = jax.device_put(params.pop(path), cpu)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out / "params", _nest(params))
         ckptr.wait_until_finished()

@@ -226,8 +226,9 @@ def _add_data_arguments(g, d) -> None:
 def _add_run_arguments(g, d) -> None:
     g.add_argument("--model", default=d.model,
                    help="converted checkpoint, HF folder, .gguf file or smollm2-135m (default: %(default)s)")
-    g.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"],
-                   help="model dtype; float32 is faster on CPUs without bf16 units (default: %(default)s)")
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
+                   help="model dtype; auto = float32 on CPUs (faster without bf16 units), bfloat16 on "
+                        "GPUs/TPUs (default: %(default)s)")
     g.add_argument("--positions", default=d.positions, choices=["last", "mean"],
                    help="read the last real token or the mean over real tokens (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
@@ -363,6 +364,10 @@ def _run_extract(args) -> int:
 
 
 def _run_probe(args) -> int:
+    from jaxprobe import processes
+
+    if not processes.is_writer():
+        return 0  # arrays in, arrays out: process 0 alone trains and writes
     probe(_config_from_args(ProbeConfig, args, train=_group_variants(args.train, "--train"),
                             test=_group_variants(args.test, "--test"),
                             recipes=_recipes(args.recipe)))
@@ -434,7 +439,8 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAU
                         "as many tokens (default: %(default)s)")
     r.add_argument("--shard-size", type=int, default=d.shard_size,
                    help="prompts per saved shard: the unit a killed run resumes from (default: %(default)s)")
-    r.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help="(default: %(default)s)")
+    r.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=d.dtype,
+                   help="model dtype; auto = float32 on CPUs, bfloat16 on GPUs/TPUs (default: %(default)s)")
     _add_mesh_argument(r)
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -559,6 +565,10 @@ def _add_acquire_command(subparsers) -> argparse.ArgumentParser:
 
 
 def _acquire_command(args: argparse.Namespace) -> int:
+    from jaxprobe import processes
+
+    if not processes.is_writer():
+        return 0  # arrays in, arrays out: process 0 alone runs the sweeps and writes
     run_acquire(_config_from_args(AcquireConfig, args, sweep=_config_from_args(SweepConfig, args)))
     return 0
 

@@ -11,6 +11,8 @@ implement.
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import re
 import shutil
 import struct
@@ -244,44 +246,85 @@ def unpermute_gguf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 # Readers: each yields (HF-style name, numpy array in torch layout), one tensor at a time.
 
 
-def _source_dtype(folder: Path) -> str:
-    """"bfloat16" when every tensor of an HF folder is stored in bfloat16, else "float32"."""
-    from safetensors import SafetensorError, safe_open
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool"}
 
-    dtypes = set()
-    for f in sorted(folder.glob("*.safetensors")):
+
+def read_safetensors(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+    """name -> (dtype, shape, byte offset) of every tensor of a .safetensors file, checked against
+    the file's size. The format is an 8-byte header length, a JSON header of name -> dtype, shape,
+    byte range, then the bytes; tensors are then read on the CPU (never through an accelerator)."""
+    import ml_dtypes
+
+    size = path.stat().st_size
+
+    def refuse(why: str):
+        return UserError(f"{path}: not a readable safetensors file (truncated or corrupt?): {why}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise refuse("shorter than its 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > 100 << 20:
+            raise refuse(f"a header of {n} bytes in a file of {size}")
         try:
-            with safe_open(f, framework="numpy") as st:
-                dtypes |= {st.get_slice(key).get_dtype() for key in st.keys()}
-        except SafetensorError as e:
-            raise UserError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-    return "bfloat16" if dtypes == {"BF16"} else "float32"
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise refuse(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise refuse("its header is not a JSON object")
+    data_size = size - 8 - n
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(ml_dtypes.bfloat16 if info["dtype"] == "BF16" else _SAFETENSORS_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            start, stop = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise refuse(f"tensor {name!r} has a malformed header entry {info!r:.80}") from None
+        if not 0 <= start <= stop <= data_size or stop - start != math.prod(shape) * dtype.itemsize:
+            raise refuse(f"tensor {name!r} lies outside the file or does not match its shape")
+        tensors[name] = (dtype, shape, 8 + n + start)
+    return tensors
 
 
-def _iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import SafetensorError, safe_open
+def _mapped(path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int) -> np.ndarray:
+    """One tensor of a file, memory-mapped alone: its pages leave memory when it is dropped."""
+    if math.prod(shape) == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype, mode="r", offset=offset, shape=shape)
 
+
+def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = load_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{index}: has no weight_map object of tensor name -> file name")
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    for fname in files:
-        if not (folder / fname).is_file():
-            raise UserError(f"{index} lists {fname}, which is missing")
-        try:
-            # framework="flax" reads bf16 too (numpy has no bfloat16); arrays come back via ml_dtypes.
-            with safe_open(folder / fname, framework="flax") as f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq"):  # a cached buffer in old checkpoints
-                        continue
-                    yield key, np.asarray(f.get_tensor(key))
-        except SafetensorError as e:
-            raise UserError(f"{folder / fname}: not a readable safetensors file (truncated or "
-                            f"corrupt?): {e}") from None
+        names = sorted(set(weight_map.values()))
+        for fname in names:
+            if not (folder / fname).is_file():
+                raise UserError(f"{index} lists {fname}, which is missing")
+        return [folder / fname for fname in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _source_dtype(folder: Path) -> str:
+    """"bfloat16" when every tensor of an HF folder is stored in bfloat16, else "float32"."""
+    dtypes = {dtype.name for f in _safetensors_files(folder) for dtype, _, _ in read_safetensors(f).values()}
+    return "bfloat16" if dtypes == {"bfloat16"} else "float32"
+
+
+def _iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    for path in _safetensors_files(folder):
+        for key, (dtype, shape, offset) in read_safetensors(path).items():
+            if key.endswith("rotary_emb.inv_freq"):  # a cached buffer in old checkpoints
+                continue
+            yield key, _mapped(path, dtype, shape, offset)
 
 
 def _gguf_field(reader, key, default=None):

@@ -98,7 +98,7 @@ class EvaluateConfig:
     multi_token_labels: str = "error"
     batch_size: int = 16
     shard_size: int = 256
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 on CPUs, bfloat16 on accelerators
     progress: bool = True
     mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
 
@@ -267,7 +267,9 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
+    from jaxprobe.runner import resolve_dtype
 
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype))  # recorded concrete
     split = LabelledSplit(config)
     subsets = make_or_load_subsets(config, split)
     k = len(config.label_words)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxprobe import data, prompts
+from jaxprobe import data, processes, prompts
 from jaxprobe.active.estimators import ACQUISITIONS, ase_estimate, mean_loss
 from jaxprobe.active.inputs import check_same_rows, load_evaluation
 from jaxprobe.active.sweep import run_sweep, summarise_sweep
@@ -90,7 +90,7 @@ class ProbeExperimentConfig:
     positions: str = "last"
     batch_size: int = 8
     shard_size: int = 32
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 on CPUs, bfloat16 on accelerators
     text_column: str = "text"
     label_column: str = "label"
     mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
@@ -99,8 +99,9 @@ class ProbeExperimentConfig:
 
 def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = print) -> dict:
     """Extract train and test stores for each template (resumable), probe them, report."""
-    from jaxprobe.runner import load_model
+    from jaxprobe.runner import load_model, resolve_dtype
 
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype))
     if data.is_single_file(cfg.dataset):
         raise UserError(f"--dataset {cfg.dataset} is one file, so its train and test samples would "
                         "be the same rows; run `jaxprobe extract` on a train and a test file and "
@@ -131,6 +132,8 @@ def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = pr
             text_column=cfg.text_column, label_column=cfg.label_column,
             progress=cfg.progress), lm=lm, log=log)
         stores[(template, split)] = str(store_dir)
+    if not processes.is_writer():
+        return {}  # the model's part is done; probes train on process 0's stores, on its own
     log(f"[{n_steps}/{n_steps}] probe: {', '.join(cfg.recipes)} -> {out / 'probes'}")
     names = {t: prompts.variant_name(t) for t in cfg.templates}
     results = probe(ProbeConfig(
@@ -257,12 +260,16 @@ def _check_config(config: ActiveExperimentConfig) -> None:
 
 
 def active_experiment(config: ActiveExperimentConfig, *, log=print) -> dict:
+    from jaxprobe.runner import resolve_dtype
+
+    evaluate = dataclasses.replace(config.evaluate, dtype=resolve_dtype(config.evaluate.dtype))
+    config = dataclasses.replace(config, evaluate=evaluate)  # settings record a concrete dtype
     _check_config(config)
     out = config.out_dir
     settings = config.settings()
     created = not out.exists()
-    new = claim_folder(out, "experiment.json", settings, what="an active-testing experiment",
-                       format=EXPERIMENT_FORMAT) is None
+    new = processes.decided(lambda: claim_folder(out, "experiment.json", settings, what="an active-testing "
+                                                 "experiment", format=EXPERIMENT_FORMAT)) is None
     if new:
         save_json(out / "experiment.json", {"format": EXPERIMENT_FORMAT, "settings": settings})
     else:
@@ -278,6 +285,8 @@ def active_experiment(config: ActiveExperimentConfig, *, log=print) -> dict:
             if created:
                 shutil.rmtree(out, ignore_errors=True)
         raise
+    if not processes.is_writer():
+        return {}  # the models' part is done; the sweeps run on process 0's evaluations, on its own
     surrogate = evaluations.pop("surrogate")
     per_target = {}
     for target_name, (folder, offset) in evaluations.items():

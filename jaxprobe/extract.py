@@ -8,6 +8,7 @@ block i-1 (HF `hidden_states[i]` without the final norm). The reference's "layer
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ class ExtractConfig:
     positions: str = "last"
     batch_size: int = 8
     shard_size: int = 32
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 on CPUs, bfloat16 on accelerators
     max_length: int | None = None
     prefix_cache: str = "auto"
     text_column: str = "text"
@@ -109,6 +110,9 @@ def extract(cfg: ExtractConfig, lm=None, log: Callable[[str], None] = print) -> 
         raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
     if cfg.max_length is not None and cfg.max_length < 1:
         raise UserError(f"--max-length must be at least 1, not {cfg.max_length}")
+    from jaxprobe.runner import resolve_dtype
+
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype))  # what a store records is concrete
     prepared = prepare_prompts(cfg)
     if prepared.leaked_items:
         log(f"note: sample items {_ranges(prepared.leaked_items)} are also the demonstrations (the "

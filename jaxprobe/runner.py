@@ -282,7 +282,7 @@ class LanguageModel:
         planned work calls for."""
         data_size = self.mesh.shape["data"]
         batches = plan_batches([len(r) for r in suffixes], batch_size, data_size, prefix_length,
-                               shape_tokens=shape_overhead_tokens(self.config))
+                               shape_tokens=shape_overhead_tokens(self.config, jax.default_backend()))
         shapes = [(padded_rows(len(rows), batch_size, data_size), bucket_length(max(len(suffixes[i]) for i in rows)))
                   for rows in batches]
         shape_flops: dict[tuple[int, int], float] = {}
@@ -368,20 +368,30 @@ def _default_mesh_shape(cfg: LlamaConfig, abstract, dtype) -> tuple[int, int]:
     return shape
 
 
-def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float32",
+def resolve_dtype(dtype: str) -> str:
+    """"auto" is bfloat16 on GPUs and TPUs (half the memory, their fast path) and float32 on CPUs
+    (faster there without bf16 units); other names pass through."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "auto",
                mesh_shape: tuple[int, int] | None = None, rules: ShardingRules = DEFAULT_RULES) -> LanguageModel:
     """Load a model for reading activations and logits.
 
     src: a folder written by `jaxprobe convert`, an HF folder (config.json + safetensors), a llama
     .gguf file, or "smollm2-135m" (the embedded default). Sources that are not converted yet are
     converted once (into $JAXPROBE_HOME/checkpoints, default ~/.cache/jaxprobe) and reused afterwards.
-    dtype: "float32" (default; fastest on CPUs without bf16 units) or "bfloat16".
-    mesh_shape: (data, model) device counts; default all devices on 'data' (on a CPU host, one device
-    per core: see `jaxprobe.cpu`; as many as copies of the weights fit in half its
-    memory).
+    dtype: "auto" (default: float32 on CPUs, fastest without bf16 units; bfloat16 on GPUs/TPUs),
+    "float32" (on accelerators with fp32 matmuls, not TF32) or "bfloat16".
+    mesh_shape: (data, model) device counts; default on a CPU host all devices on 'data' (one device
+    per core, see `jaxprobe.cpu`; as many as copies of the weights fit in half its memory), on
+    accelerators the smallest model axis the weights fit (see docs/scale.md).
     """
-    if dtype not in _DTYPES:
-        raise UserError(f"dtype must be one of float32, bfloat16; not {dtype!r}")
+    if dtype not in (*_DTYPES, "auto"):
+        raise UserError(f"dtype must be one of auto, float32, bfloat16; not {dtype!r}")
+    dtype = resolve_dtype(dtype)
     cpu_devices_wanted()  # a bad JAXPROBE_CPU_DEVICES stops here, with its value
     enable_compilation_cache()
     src = str(src)
