@@ -91,21 +91,44 @@ _HF_IGNORED = {
 }
 
 
+# The families jaxprobe reads from an HF config.json's `model_type`, as switches of the one model
+# (jaxprobe/model.py); everything else about them is LLaMA's. Qwen2's q/k/v projections carry
+# biases; Qwen3 RMS-normalises each query and key head before RoPE.
+FAMILY_SWITCHES: dict[str, dict[str, bool]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},
+    "qwen3": {"qk_norm": True},
+}
+# Families whose configs carry a `sliding_window` size that only `use_sliding_window` switches on.
+_WINDOW_SWITCHED = ("qwen2", "qwen3")
+
+
 def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
-    """Translate an HF LlamaConfig dict, refusing anything whose math we do not implement."""
+    """Translate an HF config dict of a family in FAMILY_SWITCHES, refusing anything whose math
+    we do not implement."""
+    family = hf.get("model_type", "llama")
+
     def refuse(field, value):
         raise UserError(f"{where}: unsupported config field {field}={value!r} (jaxprobe implements "
-                        f"the plain LLaMA architecture only)")
+                        f"{', '.join(FAMILY_SWITCHES)} without it)")
 
-    if hf.get("model_type", "llama") not in ("llama", "mistral"):
-        refuse("model_type", hf.get("model_type"))
+    if family not in FAMILY_SWITCHES:
+        refuse("model_type", family)
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             refuse(flag, hf[flag])
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         refuse("hidden_act", hf["hidden_act"])
-    if hf.get("sliding_window") is not None or hf.get("use_sliding_window"):
-        refuse("sliding_window", hf.get("sliding_window"))
+    if hf.get("use_sliding_window"):
+        refuse("use_sliding_window", hf["use_sliding_window"])
+    window = hf.get("sliding_window")
+    if family not in _WINDOW_SWITCHED and window is not None and not (
+            isinstance(window, int) and window >= hf.get("max_position_embeddings", 4096)):
+        refuse("sliding_window", window)  # a window as long as the context changes nothing
+    layer_types = hf.get("layer_types") or []
+    if any(kind != "full_attention" for kind in layer_types):
+        refuse("layer_types", sorted(set(layer_types)))
     if hf.get("pretraining_tp", 1) != 1:
         refuse("pretraining_tp", hf["pretraining_tp"])
     unknown = sorted(k for k in hf if k not in _HF_IGNORED)
@@ -156,7 +179,7 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
             head_dim=number("head_dim", default=d_model // n_heads),
             d_ff=number("intermediate_size"), rms_eps=number("rms_norm_eps", float, 1e-6),
             rope_theta=number("rope_theta", float, value=theta), rope_scaling=scaling, tie_embeddings=tie,
-            max_position=number("max_position_embeddings", default=4096))
+            max_position=number("max_position_embeddings", default=4096), **FAMILY_SWITCHES[family])
     except ValueError as e:
         raise UserError(f"{where}: {e}") from None
 
@@ -164,19 +187,31 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
 # --------------------------------------------------------------------------------------------
 # Key mapping: (source tensor name) -> (our parameter path, where in it, array in our layout)
 
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HF_LAYER_PARAMS = {
-    "input_layernorm": ("blocks", "attn_norm", "weight"),
-    "self_attn.q_proj": ("blocks", "attn", "wqkv"),
-    "self_attn.k_proj": ("blocks", "attn", "wqkv"),
-    "self_attn.v_proj": ("blocks", "attn", "wqkv"),
-    "self_attn.o_proj": ("blocks", "attn", "wo"),
-    "post_attention_layernorm": ("blocks", "mlp_norm", "weight"),
-    "mlp.gate_proj": ("blocks", "mlp", "w_gate_up"),
-    "mlp.up_proj": ("blocks", "mlp", "w_gate_up"),
-    "mlp.down_proj": ("blocks", "mlp", "w_down"),
+    "input_layernorm.weight": ("blocks", "attn_norm", "weight"),
+    "self_attn.q_proj.weight": ("blocks", "attn", "wqkv"),
+    "self_attn.k_proj.weight": ("blocks", "attn", "wqkv"),
+    "self_attn.v_proj.weight": ("blocks", "attn", "wqkv"),
+    "self_attn.q_proj.bias": ("blocks", "attn", "bqkv"),
+    "self_attn.k_proj.bias": ("blocks", "attn", "bqkv"),
+    "self_attn.v_proj.bias": ("blocks", "attn", "bqkv"),
+    "self_attn.q_norm.weight": ("blocks", "attn", "q_norm", "weight"),
+    "self_attn.k_norm.weight": ("blocks", "attn", "k_norm", "weight"),
+    "self_attn.o_proj.weight": ("blocks", "attn", "wo"),
+    "post_attention_layernorm.weight": ("blocks", "mlp_norm", "weight"),
+    "mlp.gate_proj.weight": ("blocks", "mlp", "w_gate_up"),
+    "mlp.up_proj.weight": ("blocks", "mlp", "w_gate_up"),
+    "mlp.down_proj.weight": ("blocks", "mlp", "w_down"),
 }
-HF_LAYER_TENSORS = tuple(f"model.layers.{{}}.{part}.weight" for part in _HF_LAYER_PARAMS)
+
+
+def hf_tensor_names(cfg: LlamaConfig) -> list[str]:
+    """Every HF tensor name a checkpoint of this config must hold."""
+    shapes = param_shapes(cfg)
+    names = [name for name, p in _HF_GLOBAL.items() if p in shapes]
+    return names + [f"model.layers.{i}.{part}" for i in range(cfg.n_layers)
+                    for part, path in _HF_LAYER_PARAMS.items() if path in shapes]
 _HF_GLOBAL = {
     "model.embed_tokens.weight": ("embed", "weight"),
     "model.norm.weight": ("final_norm", "weight"),
@@ -205,21 +240,26 @@ def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, .
         want = shapes[path]
     else:
         m = _HF_LAYER.fullmatch(name)
-        if not m or m.group(2) not in _HF_LAYER_PARAMS:
-            raise UserError(f"unknown tensor {name!r} (shape {tuple(w.shape)}): not part of a plain LLaMA model")
+        if not m or _HF_LAYER_PARAMS.get(m.group(2)) not in shapes:
+            raise UserError(f"unknown tensor {name!r} (shape {tuple(w.shape)}): not part of this model's "
+                            "family (see convert.FAMILY_SWITCHES)")
         layer, part, path = int(m.group(1)), m.group(2), _HF_LAYER_PARAMS[m.group(2)]
         if not 0 <= layer < cfg.n_layers:
             raise UserError(f"tensor {name!r} names layer {layer} but the config has {cfg.n_layers} layers")
         want = shapes[path][1:]
         d, g, hd, r = cfg.d_model, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
-        if path[-1] == "wqkv":  # [heads*hd, d] -> [d, kv groups, heads per group, hd], into its slots
-            heads, slots = {"self_attn.q_proj": (r, slice(0, r)), "self_attn.k_proj": (1, slice(r, r + 1)),
-                            "self_attn.v_proj": (1, slice(r + 1, r + 2))}[part]
+        if path[-1] in ("wqkv", "bqkv"):  # [heads*hd(, d)] -> [(d,) kv groups, heads per group, hd] slots
+            projection = part.split(".")[1]
+            heads, slots = {"q_proj": (r, slice(0, r)), "k_proj": (1, slice(r, r + 1)),
+                            "v_proj": (1, slice(r + 1, r + 2))}[projection]
+            if path[-1] == "bqkv":
+                _check_shape(name, w, (g * heads * hd,))
+                return path, (layer, slice(None), slots), w.reshape(g, heads, hd)
             _check_shape(name, w, (g * heads * hd, d))
             return path, (layer, slice(None), slice(None), slots), w.T.reshape(d, g, heads, hd)
         if path[-1] == "w_gate_up":  # [d_ff, d] -> [d, d_ff], into row 0 (gate) or 1 (up)
             _check_shape(name, w, (cfg.d_ff, d))
-            return path, (layer, slice(None), 0 if part == "mlp.gate_proj" else 1), w.T
+            return path, (layer, slice(None), 0 if part == "mlp.gate_proj.weight" else 1), w.T
     index = None if layer is None else (layer,)
     if len(want) == 1 or path == ("embed", "weight"):  # norms, embeddings: stored as we store them
         _check_shape(name, w, want)
@@ -454,8 +494,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "auto",
 
     shapes = param_shapes(cfg)
     params = {p: np.zeros(s, np_dtype) for p, s in shapes.items()}
-    expected = [name for name, p in _HF_GLOBAL.items() if p in shapes]
-    expected += [name.format(i) for i in range(cfg.n_layers) for name in HF_LAYER_TENSORS]
+    expected = hf_tensor_names(cfg)
     seen: set[str] = set()
     for name, w in tqdm(tensors, total=len(expected), desc="converting", unit="tensor", disable=not progress):
         p, index, w = hf_to_ours(cfg, name, w)

@@ -58,6 +58,9 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
     max_position: int = 4096
+    # Family switches (see FAMILY_SWITCHES in jaxprobe/convert.py for which family sets which):
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False   # RMSNorm over each query and key head before RoPE (Qwen3)
 
     def __post_init__(self):
         # Checked here so that every way in (HF config, GGUF, a checkpoint's config.json) refuses
@@ -71,15 +74,19 @@ class LlamaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a positive number, not {value!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings must be true or false, not {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "qkv_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Family switches appear only when on, so a plain LLaMA's config (and fingerprint) reads
+        # as it did before they existed.
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if not (k in _SWITCHES and v is False)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -104,8 +111,12 @@ class LlamaConfig:
     def n_params(self) -> int:
         d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
         per_block = 2 * d + d * hd * (2 * h + 2 * kv) + 3 * d * f
+        per_block += self.qkv_bias * hd * (h + 2 * kv) + self.qk_norm * 2 * hd
         head = 0 if self.tie_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.n_layers * per_block + d + head
+
+
+_SWITCHES = ("qkv_bias", "qk_norm")
 
 
 # Logical axis names of every parameter, by its path in the model state. The sharding table in
@@ -115,6 +126,9 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("blocks", "attn_norm", "weight"): ("layer", "embed"),
     ("blocks", "attn", "wqkv"): ("layer", "embed", "kv_heads", "qkv", "head_dim"),
     ("blocks", "attn", "wo"): ("layer", "heads", "head_dim", "embed"),
+    ("blocks", "attn", "bqkv"): ("layer", "kv_heads", "qkv", "head_dim"),
+    ("blocks", "attn", "q_norm", "weight"): ("layer", "head_dim"),
+    ("blocks", "attn", "k_norm", "weight"): ("layer", "head_dim"),
     ("blocks", "mlp_norm", "weight"): ("layer", "embed"),
     ("blocks", "mlp", "w_gate_up"): ("layer", "embed", "gate_up", "ffn"),
     ("blocks", "mlp", "w_down"): ("layer", "ffn", "embed"),
@@ -128,8 +142,11 @@ def param_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     sizes = {"vocab": cfg.vocab_size, "embed": cfg.d_model, "layer": cfg.n_layers,
              "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
              "ffn": cfg.d_ff, "qkv": cfg.n_heads // cfg.n_kv_heads + 2, "gate_up": 2}
+    absent = {("lm_head",): cfg.tie_embeddings, ("blocks", "attn", "bqkv"): not cfg.qkv_bias,
+              ("blocks", "attn", "q_norm", "weight"): not cfg.qk_norm,
+              ("blocks", "attn", "k_norm", "weight"): not cfg.qk_norm}
     return {path: tuple(sizes[a] for a in axes) for path, axes in PARAM_AXES.items()
-            if not (path == ("lm_head",) and cfg.tie_embeddings)}
+            if not absent.get(path, False)}
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -279,6 +296,23 @@ class Attention(nnx.Module):
         # per KV group: its h / kv query heads, its key head, its value head (see the module docstring)
         self.wqkv = _normal(rngs, (d, kv, h // kv + 2, hd), dtype)
         self.wo = _normal(rngs, (h, hd, d), dtype)
+        self.bqkv = _normal(rngs, (kv, h // kv + 2, hd), dtype) if cfg.qkv_bias else None
+        self.q_norm = RMSNorm(hd, cfg.rms_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_eps, dtype) if cfg.qk_norm else None
+
+    def _project(self, x, slots: slice) -> jax.Array:
+        """x [B, T, D] -> the projections of `slots` of every KV group [B, T, G, S, hd], with the
+        family's bias and per-head q/k norms applied (before RoPE, as HF does)."""
+        out = jnp.einsum("btd,dgjk->btgjk", x, self.wqkv[:, :, slots])
+        if self.bqkv is not None:
+            out = out + self.bqkv[:, slots]
+        if self.q_norm is not None:
+            # the selected slots are some queries (slots < r), then maybe the key, then the value
+            n_q = max(0, self.wqkv.shape[2] - 2 - (slots.start or 0))
+            parts = [self.q_norm(out[:, :, :, :n_q]), self.k_norm(out[:, :, :, n_q:n_q + 1]),
+                     out[:, :, :, n_q + 1:]]
+            out = jnp.concatenate([p for p in parts if p.shape[3]], axis=3)
+        return out
 
     def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None):
         """x: [B, T, D]; rope: tables at the batch's positions; valid: [B, T] (False on padding).
@@ -292,17 +326,17 @@ class Attention(nnx.Module):
         scale = jnp.asarray(1.0 / math.sqrt(hd), x.dtype)
         if query_index is None:
             # one [d, (h + 2 kv) * hd] matmul instead of three: larger matmuls run closer to peak
-            qkv = jnp.einsum("btd,dgjk->btgjk", x, self.wqkv[...])
+            qkv = self._project(x, slice(None))
             # queries and keys rotated in one pass
             qk = rope.apply(qkv[:, :, :, :r + 1].reshape(b, t, g * (r + 1), hd)).reshape(b, t, g, r + 1, hd)
             q = (qk[:, :, :, :r] * scale).reshape(b, t, g * r, hd)
             k, v = qk[:, :, :, r], qkv[:, :, :, r + 1]
         else:
             # keys and values at every position, queries only where the output is read
-            kv_proj = jnp.einsum("btd,dgjk->btgjk", x, self.wqkv[:, :, r:])
+            kv_proj = self._project(x, slice(r, None))
             k, v = rope.apply(kv_proj[:, :, :, 0]), kv_proj[:, :, :, 1]
             x_query = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
-            q = jnp.einsum("btd,dgjk->btgjk", x_query, self.wqkv[:, :, :r]).reshape(b, -1, g * r, hd)
+            q = self._project(x_query, slice(None, r)).reshape(b, -1, g * r, hd)
             q = rope.take(query_index).apply(q) * scale
         out = causal_attention(q, k, v, valid, prefix, query_index)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), (k, v)

@@ -102,23 +102,30 @@ HF_VARIANTS = {
                             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                              "original_max_position_embeddings": 16}),
+    "qwen2-gqa-bias": dict(family="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen3-gqa-qk-norm": dict(family="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                              tie_word_embeddings=True),
 }
 
 
-def make_hf_model(folder, *, seed=0, **overrides):
-    """A tiny random transformers LlamaForCausalLM saved with save_pretrained (+ a tokenizer)."""
+def make_hf_model(folder, *, seed=0, family="llama", **overrides):
+    """A tiny random transformers causal LM of `family` (its own config class) saved with
+    save_pretrained, plus a tokenizer. Norm weights and biases are moved away from their init
+    (1 and 0) so that they are tested."""
     import torch
-    from transformers import LlamaConfig as HFLlamaConfig
-    from transformers import LlamaForCausalLM
+    import transformers
 
+    config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                    "qwen3": "Qwen3Config"}[family]
     kwargs = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
                   max_position_embeddings=512, rms_norm_eps=1e-5)
     kwargs.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(HFLlamaConfig(**kwargs)).eval()
-    with torch.no_grad():  # norms away from 1 so that their weights are tested
+    config = getattr(transformers, config_class)(**kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     tiny_tokenizer(kwargs["vocab_size"]).save_pretrained(folder)

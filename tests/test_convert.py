@@ -55,7 +55,7 @@ def test_wrong_shape_is_refused(hf_folder, tmp_path):
         convert(hf_folder, tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize("field,value", [("attention_bias", True), ("sliding_window", 4096),
+@pytest.mark.parametrize("field,value", [("attention_bias", True), ("sliding_window", 64),
                                          ("hidden_act", "gelu"), ("some_new_field", 1)])
 def test_unsupported_config_field_is_refused(hf_folder, tmp_path, field, value):
     _edit_config(hf_folder, **{field: value})
@@ -232,3 +232,23 @@ def test_a_bfloat16_checkpoint_stays_bfloat16_and_loads_exactly_as_float32(hf_fo
     auto, f32 = load_model(tmp_path / "auto"), load_model(tmp_path / "f32")
     np.testing.assert_array_equal(auto.activations(["a charming film"]), f32.activations(["a charming film"]))
     assert auto.fingerprint == f32.fingerprint
+
+
+@pytest.mark.parametrize("family, field, value", [
+    ("qwen2", "use_sliding_window", True), ("qwen3", "attention_bias", True),
+    ("qwen2", "layer_types", ["sliding_attention", "full_attention"]), ("qwen3", "some_new_field", 1),
+    ("mistral", "sliding_window", 16),  # shorter than the context (a window as long is no window)
+])
+def test_each_family_refuses_what_it_does_not_implement(tmp_path, family, field, value):
+    make_hf_model(tmp_path / "hf", family=family, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    convert(tmp_path / "hf", tmp_path / "plain", progress=False)  # as saved: supported
+    _edit_config(tmp_path / "hf", **{field: value})
+    with pytest.raises(UserError, match=rf"unsupported config field {field}="):
+        convert(tmp_path / "hf", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_family_tensor_in_another_family_is_refused(hf_folder, tmp_path):
+    _edit_tensors(hf_folder, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": t["model.norm.weight"][:16].copy()}))
+    with pytest.raises(UserError, match=r"unknown tensor 'model.layers.0.self_attn.q_norm.weight'"):
+        convert(hf_folder, tmp_path / "out", progress=False)

@@ -205,3 +205,21 @@ def test_left_padding_masks_the_leading_keys():
     valid = np.arange(t)[None] >= 13  # 13 padding keys on the left
     got = np.asarray(causal_attention(q, k, v, valid))
     np.testing.assert_allclose(got[:, 13:], reference_attention(q, k, v, valid)[:, 13:], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["qwen2-gqa-bias", "qwen3-gqa-qk-norm"])
+def test_prefix_cache_and_label_logits_per_family(hf_variant_models, variant):
+    """The families' extra parameters (q/k/v biases, q/k norms) enter the cached prefix's keys and
+    the query-only last block as they enter the full pass."""
+    model, _, ckpt = hf_variant_models[variant]
+    lm = jaxprobe.load_model(ckpt)
+    texts = ["Sentence: 'it is a great film' \nLabel: positive\n\nSentence: " + t for t in ("dull", "a charming film", "fun")]
+    whole = lm.run(texts, activations=True, all_logits=True)
+    cached = lm.run(texts, activations=True, all_logits=True, prefix_tokens="auto")
+    np.testing.assert_allclose(cached["activations"], whole["activations"], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(cached["logits"], whole["logits"], atol=2e-5, rtol=0)
+    ids = [7, 11, 300]
+    np.testing.assert_allclose(lm.logits(texts, token_ids=ids, prefix_tokens="auto"), whole["logits"][:, ids],
+                               atol=2e-5, rtol=0)
+    hf_logits = hf_reference(model, lm.tokenize(texts[:1])[0])[2][-1]
+    np.testing.assert_allclose(whole["logits"][0], hf_logits, atol=1e-4, rtol=0)
