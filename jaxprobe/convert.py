@@ -64,10 +64,40 @@ def resolve_source(src: str | Path) -> tuple[str, Path]:
         if any(path.glob("*.safetensors")):
             return "hf", path
         raise UserError(f"{path} has config.json but no .safetensors files (only safetensors are read)")
+    if not path.exists() and _HUB_ID.fullmatch(str(src)):
+        return "hf", hub_snapshot(str(src))
     if not path.exists():
         raise UserError(f"model source not found: {src} (give an HF folder, a .gguf file, "
-                        f"a converted checkpoint, or {DEFAULT_MODEL!r})")
+                        f"a converted checkpoint, a Hub id ORG/NAME[@REVISION], or {DEFAULT_MODEL!r})")
     raise UserError(f"{src} is neither an HF checkpoint folder (config.json + safetensors) nor a .gguf file")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+_HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+
+
+def hub_snapshot(repo: str) -> Path:
+    """The local folder of a Hub model `ORG/NAME[@REVISION]`, through huggingface_hub's cache:
+    downloaded once (config, safetensors and tokenizer files only), read from the cache when
+    HF_HUB_OFFLINE=1."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=_HUB_FILES,
+                                        local_files_only=constants.HF_HUB_OFFLINE))
+    except LocalEntryNotFoundError:
+        raise UserError(f"{repo} is no local path, and is not in the Hugging Face cache "
+                        f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE=1 or the Hub is unreachable: "
+                        "download it once online") from None
+    except (RepositoryNotFoundError, HFValidationError) as e:
+        raise UserError(f"{repo}: no such local path, nor model on the Hub ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise UserError(f"{repo}: could not fetch it from the Hub ({e})") from None
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        raise UserError(f"{repo} (at {folder}) has no config.json and safetensors weights")
+    return folder
 
 
 # --------------------------------------------------------------------------------------------

@@ -252,3 +252,34 @@ def test_a_family_tensor_in_another_family_is_refused(hf_folder, tmp_path):
     _edit_tensors(hf_folder, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": t["model.norm.weight"][:16].copy()}))
     with pytest.raises(UserError, match=r"unknown tensor 'model.layers.0.self_attn.q_norm.weight'"):
         convert(hf_folder, tmp_path / "out", progress=False)
+
+
+def test_a_hub_id_resolves_through_the_hugging_face_cache(tmp_path, monkeypatch, capsys):
+    """ORG/NAME[@REVISION] is read from huggingface_hub's cache (a local cache laid out as the Hub
+    client lays it out; HF_HUB_OFFLINE=1, so nothing reaches the network)."""
+    import shutil
+
+    import numpy as np
+    from huggingface_hub import constants
+
+    from jaxprobe.runner import load_model
+
+    make_hf_model(tmp_path / "hf", family="qwen2", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--tiny-org--tiny-qwen"
+    shutil.copytree(tmp_path / "hf", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("JAXPROBE_HOME", str(tmp_path / "home"))
+    convert("tiny-org/tiny-qwen", tmp_path / "from-hub", progress=False)
+    convert(tmp_path / "hf", tmp_path / "from-folder", progress=False)
+    texts = ["a charming film", "dull"]
+    np.testing.assert_array_equal(load_model(tmp_path / "from-hub").activations(texts),
+                                  load_model(tmp_path / "from-folder").activations(texts))
+    np.testing.assert_array_equal(load_model("tiny-org/tiny-qwen@main").activations(texts),
+                                  load_model(tmp_path / "from-folder").activations(texts))
+    assert main(["convert", "tiny-org/not-cached", "--out", str(tmp_path / "x")]) == 2
+    assert "tiny-org/not-cached is no local path, and is not in the Hugging Face cache" in capsys.readouterr().err
