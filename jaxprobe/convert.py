@@ -123,7 +123,8 @@ _HF_IGNORED = {
 
 # The families jaxprobe reads from an HF config.json's `model_type`, as switches of the one model
 # (jaxprobe/model.py); everything else about them is LLaMA's. Qwen2's q/k/v projections carry
-# biases; Qwen3 RMS-normalises each query and key head before RoPE.
+# biases; Qwen3 RMS-normalises each query and key head before RoPE; Mistral's queries see only
+# their last `sliding_window` keys (LlamaConfig.sliding_window, read from the config).
 FAMILY_SWITCHES: dict[str, dict[str, bool]] = {
     "llama": {},
     "mistral": {},
@@ -153,9 +154,10 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
     if hf.get("use_sliding_window"):
         refuse("use_sliding_window", hf["use_sliding_window"])
     window = hf.get("sliding_window")
-    if family not in _WINDOW_SWITCHED and window is not None and not (
-            isinstance(window, int) and window >= hf.get("max_position_embeddings", 4096)):
-        refuse("sliding_window", window)  # a window as long as the context changes nothing
+    if family in _WINDOW_SWITCHED or (isinstance(window, int) and window >= hf.get("max_position_embeddings", 4096)):
+        window = None  # off unless switched on; a window as long as the context changes nothing
+    if window is not None and family != "mistral":
+        refuse("sliding_window", window)
     layer_types = hf.get("layer_types") or []
     if any(kind != "full_attention" for kind in layer_types):
         refuse("layer_types", sorted(set(layer_types)))
@@ -209,7 +211,9 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
             head_dim=number("head_dim", default=d_model // n_heads),
             d_ff=number("intermediate_size"), rms_eps=number("rms_norm_eps", float, 1e-6),
             rope_theta=number("rope_theta", float, value=theta), rope_scaling=scaling, tie_embeddings=tie,
-            max_position=number("max_position_embeddings", default=4096), **FAMILY_SWITCHES[family])
+            max_position=number("max_position_embeddings", default=4096),
+            sliding_window=number("sliding_window", value=window) if window is not None else None,
+            **FAMILY_SWITCHES[family])
     except ValueError as e:
         raise UserError(f"{where}: {e}") from None
 

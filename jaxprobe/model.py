@@ -61,6 +61,7 @@ class LlamaConfig:
     # Family switches (see FAMILY_SWITCHES in jaxprobe/convert.py for which family sets which):
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     qk_norm: bool = False   # RMSNorm over each query and key head before RoPE (Qwen3)
+    sliding_window: int | None = None  # each query sees only the last `sliding_window` keys (Mistral)
 
     def __post_init__(self):
         # Checked here so that every way in (HF config, GGUF, a checkpoint's config.json) refuses
@@ -74,6 +75,9 @@ class LlamaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a positive number, not {value!r}")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(
+                self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer or null, not {self.sliding_window!r}")
         for name in ("tie_embeddings", "qkv_bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
@@ -86,7 +90,7 @@ class LlamaConfig:
         # Family switches appear only when on, so a plain LLaMA's config (and fingerprint) reads
         # as it did before they existed.
         d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if not (k in _SWITCHES and v is False)}
+        return {k: v for k, v in d.items() if not (k in _SWITCHES and v in (False, None))}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -116,7 +120,7 @@ class LlamaConfig:
         return self.vocab_size * d + self.n_layers * per_block + d + head
 
 
-_SWITCHES = ("qkv_bias", "qk_norm")
+_SWITCHES = ("qkv_bias", "qk_norm", "sliding_window")
 
 
 # Logical axis names of every parameter, by its path in the model state. The sharding table in
@@ -235,13 +239,15 @@ QUERY_BLOCK = 32
 MAX_QUERY_BLOCKS = 32
 
 
-def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index=None):
-    """Grouped-query causal attention.
+def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index=None,
+                     window: int | None = None):
+    """Grouped-query causal attention, over the last `window` keys of each query if given.
 
     q: [B, Tq, H, hd], already scaled by 1/sqrt(hd); k, v: [B, T, G, hd] (H a multiple of G);
     valid: bool [B, T], False on padding keys; prefix: keys/values every sequence of the batch
     continues (all real tokens, all visible). Queries are at positions 0..T-1 (Tq = T), or, with
-    query_index int32 [B, Tq], at those positions along T only. Returns [B, Tq, H, hd].
+    query_index int32 [B, Tq], at those positions along T only (a prefix's keys come before
+    position 0: a query at t is P + t tokens in). Returns [B, Tq, H, hd].
 
     Each kv head's query heads are folded into the rows of one matrix (rows ordered (t, r), so a
     block of query positions is a contiguous row range): XLA's CPU backend runs these 4-d batched
@@ -273,10 +279,17 @@ def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index
     for rows, stop, query_pos in blocks:
         scores = jnp.einsum("bgmk,bgsk->bgms", qf[:, :, rows], kt[:, :, :stop],
                             preferred_element_type=jnp.float32)
-        visible = jnp.arange(stop)[None, None, :] <= query_pos[:, :, None]             # [B|1, rows, S]
+        key_pos = jnp.arange(stop)[None, None, :]
+        visible = key_pos <= query_pos[:, :, None]                                       # [B|1, rows, S]
+        if window is not None:  # HF: a key is seen while query - key < window
+            visible = visible & (key_pos > query_pos[:, :, None] - window)
         scores = jnp.where(visible[:, None] & valid[:, None, None, :stop], scores, _MASKED)
         if prefix is not None:
-            scores = jnp.concatenate([prefix_scores[:, :, rows], scores], axis=-1)
+            seen = prefix_scores[:, :, rows]
+            if window is not None:
+                in_window = jnp.arange(n_prefix)[None, None, :] > (n_prefix + query_pos[:, :, None] - window)
+                seen = jnp.where(in_window[:, None], seen, _MASKED)
+            scores = jnp.concatenate([seen, scores], axis=-1)
         weights = jnp.exp(scores - scores.max(-1, keepdims=True))
         total = weights.sum(-1, keepdims=True)
         weights = weights.astype(v.dtype)
@@ -299,6 +312,7 @@ class Attention(nnx.Module):
         self.bqkv = _normal(rngs, (kv, h // kv + 2, hd), dtype) if cfg.qkv_bias else None
         self.q_norm = RMSNorm(hd, cfg.rms_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_eps, dtype) if cfg.qk_norm else None
+        self.window = cfg.sliding_window
 
     def _project(self, x, slots: slice) -> jax.Array:
         """x [B, T, D] -> the projections of `slots` of every KV group [B, T, G, S, hd], with the
@@ -338,7 +352,7 @@ class Attention(nnx.Module):
             x_query = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
             q = self._project(x_query, slice(None, r)).reshape(b, -1, g * r, hd)
             q = rope.take(query_index).apply(q) * scale
-        out = causal_attention(q, k, v, valid, prefix, query_index)
+        out = causal_attention(q, k, v, valid, prefix, query_index, self.window)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), (k, v)
 
 

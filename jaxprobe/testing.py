@@ -102,6 +102,8 @@ HF_VARIANTS = {
                             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                              "original_max_position_embeddings": 16}),
+    "mistral-window-8": dict(family="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                             tie_word_embeddings=False),
     "qwen2-gqa-bias": dict(family="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     "qwen3-gqa-qk-norm": dict(family="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                               tie_word_embeddings=True),
