@@ -113,7 +113,8 @@ _HF_IGNORED = {
     "head_dim", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "intermediate_size", "rms_norm_eps", "tie_word_embeddings",
     "max_position_embeddings", "sliding_window", "use_sliding_window", "max_window_layers",
-    "layer_types", "chunk_size_feed_forward", "problem_type", "task_specific_params",
+    "layer_types", "hidden_activation", "use_bidirectional_attention", "chunk_size_feed_forward",
+    "problem_type", "task_specific_params",
     "finetuning_task", "prefix", "bad_words_ids", "generation_config", "cross_attention_hidden_size",
     "add_cross_attention", "is_encoder_decoder", "decoder_start_token_id", "sep_token_id",
     "tie_encoder_decoder", "torchscript", "pruned_heads", "chunk_size", "output_scores",
@@ -124,13 +125,17 @@ _HF_IGNORED = {
 # The families jaxprobe reads from an HF config.json's `model_type`, as switches of the one model
 # (jaxprobe/model.py); everything else about them is LLaMA's. Qwen2's q/k/v projections carry
 # biases; Qwen3 RMS-normalises each query and key head before RoPE; Mistral's queries see only
-# their last `sliding_window` keys (LlamaConfig.sliding_window, read from the config).
+# their last `sliding_window` keys (LlamaConfig.sliding_window, read from the config); Gemma scales
+# by 1 + its norm weights, gates its MLP with GELU-tanh and multiplies embeddings by sqrt(d_model).
 FAMILY_SWITCHES: dict[str, dict[str, bool]] = {
     "llama": {},
     "mistral": {},
     "qwen2": {"qkv_bias": True},
     "qwen3": {"qk_norm": True},
+    "gemma": {"norm_offset": True, "mlp_activation": "gelu_tanh", "embed_scale": True},
 }
+# The MLP activation each family's config must name (anything else is refused by name).
+_HF_ACTIVATIONS = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh",)}
 # Families whose configs carry a `sliding_window` size that only `use_sliding_window` switches on.
 _WINDOW_SWITCHED = ("qwen2", "qwen3")
 
@@ -149,8 +154,12 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             refuse(flag, hf[flag])
-    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
-        refuse("hidden_act", hf["hidden_act"])
+    activations = _HF_ACTIVATIONS[FAMILY_SWITCHES[family].get("mlp_activation", "silu")]
+    for field in ("hidden_act", "hidden_activation"):  # older Gemma configs name it the second way
+        if hf.get(field) is not None and hf[field] not in activations:
+            refuse(field, hf[field])
+    if hf.get("use_bidirectional_attention"):
+        refuse("use_bidirectional_attention", hf["use_bidirectional_attention"])
     if hf.get("use_sliding_window"):
         refuse("use_sliding_window", hf["use_sliding_window"])
     window = hf.get("sliding_window")

@@ -62,6 +62,9 @@ class LlamaConfig:
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     qk_norm: bool = False   # RMSNorm over each query and key head before RoPE (Qwen3)
     sliding_window: int | None = None  # each query sees only the last `sliding_window` keys (Mistral)
+    norm_offset: bool = False  # RMSNorm scales by 1 + weight, in fp32 (Gemma)
+    mlp_activation: str = "silu"  # the gated MLP's activation: "silu" or "gelu_tanh" (Gemma)
+    embed_scale: bool = False  # token embeddings times sqrt(d_model), in the model dtype (Gemma)
 
     def __post_init__(self):
         # Checked here so that every way in (HF config, GGUF, a checkpoint's config.json) refuses
@@ -78,7 +81,9 @@ class LlamaConfig:
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(
                 self.sliding_window, int) or self.sliding_window < 1):
             raise ValueError(f"sliding_window must be a positive integer or null, not {self.sliding_window!r}")
-        for name in ("tie_embeddings", "qkv_bias", "qk_norm"):
+        if self.mlp_activation not in ACTIVATIONS:
+            raise ValueError(f"mlp_activation must be one of {', '.join(ACTIVATIONS)}, not {self.mlp_activation!r}")
+        for name in ("tie_embeddings", "qkv_bias", "qk_norm", "norm_offset", "embed_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
@@ -90,7 +95,7 @@ class LlamaConfig:
         # Family switches appear only when on, so a plain LLaMA's config (and fingerprint) reads
         # as it did before they existed.
         d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if not (k in _SWITCHES and v in (False, None))}
+        return {k: v for k, v in d.items() if not (k in _SWITCHES and v == _SWITCHES[k])}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -120,7 +125,9 @@ class LlamaConfig:
         return self.vocab_size * d + self.n_layers * per_block + d + head
 
 
-_SWITCHES = ("qkv_bias", "qk_norm", "sliding_window")
+_SWITCHES = {"qkv_bias": False, "qk_norm": False, "sliding_window": None, "norm_offset": False,
+             "mlp_activation": "silu", "embed_scale": False}  # each with its LLaMA value
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 # Logical axis names of every parameter, by its path in the model state. The sharding table in
@@ -160,21 +167,25 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 class Embedding(nnx.Module):
     def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
         self.weight = _normal(rngs, (cfg.vocab_size, cfg.d_model), dtype)
+        self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else None
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], tokens, axis=0)
+        x = jnp.take(self.weight[...], tokens, axis=0)
+        return x if self.scale is None else x * jnp.asarray(self.scale, x.dtype)
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    def __init__(self, dim: int, eps: float, dtype, offset: bool = False):
+        self.weight = nnx.Param((jnp.zeros if offset else jnp.ones)((dim,), dtype))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # As HF: normalise in fp32, cast back, then scale.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * x32.astype(x.dtype)
+        if self.offset:  # as HF's Gemma: scale by 1 + weight in fp32, then cast back
+            return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        return self.weight[...] * x32.astype(x.dtype)  # as HF's LLaMA: cast back, then scale
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
@@ -310,8 +321,8 @@ class Attention(nnx.Module):
         self.wqkv = _normal(rngs, (d, kv, h // kv + 2, hd), dtype)
         self.wo = _normal(rngs, (h, hd, d), dtype)
         self.bqkv = _normal(rngs, (kv, h // kv + 2, hd), dtype) if cfg.qkv_bias else None
-        self.q_norm = RMSNorm(hd, cfg.rms_eps, dtype) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, cfg.rms_eps, dtype) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(hd, cfg.rms_eps, dtype, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_eps, dtype, cfg.norm_offset) if cfg.qk_norm else None
         self.window = cfg.sliding_window
 
     def _project(self, x, slots: slice) -> jax.Array:
@@ -357,22 +368,23 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or GELU-tanh (Gemma's GeGLU)."""
 
     def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
         self.w_gate_up = _normal(rngs, (cfg.d_model, 2, cfg.d_ff), dtype)  # [:, 0] gate, [:, 1] up
         self.w_down = _normal(rngs, (cfg.d_ff, cfg.d_model), dtype)
+        self.activation = cfg.mlp_activation
 
     def __call__(self, x):
         gate_up = jnp.einsum("...d,dcf->...cf", x, self.w_gate_up[...])  # one matmul, not two
-        return (jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]) @ self.w_down[...]
+        return (ACTIVATIONS[self.activation](gate_up[..., 0, :]) * gate_up[..., 1, :]) @ self.w_down[...]
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype, cfg.norm_offset)
         self.attn = Attention(cfg, dtype, rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype, cfg.norm_offset)
         self.mlp = MLP(cfg, dtype, rngs)
 
     def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None):
@@ -395,7 +407,7 @@ class Llama(nnx.Module):
             return Block(cfg, dtype, rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype, cfg.norm_offset)
         self.lm_head = None if cfg.tie_embeddings else _normal(rngs, (cfg.d_model, cfg.vocab_size), dtype)
 
     def unembedding(self) -> jax.Array:

@@ -104,6 +104,7 @@ HF_VARIANTS = {
                                              "original_max_position_embeddings": 16}),
     "mistral-window-8": dict(family="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
                              tie_word_embeddings=False),
+    "gemma-gqa-head-dim": dict(family="gemma", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     "qwen2-gqa-bias": dict(family="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     "qwen3-gqa-qk-norm": dict(family="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                               tie_word_embeddings=True),
@@ -118,7 +119,7 @@ def make_hf_model(folder, *, seed=0, family="llama", **overrides):
     import transformers
 
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                    "qwen3": "Qwen3Config"}[family]
+                    "qwen3": "Qwen3Config", "gemma": "GemmaConfig"}[family]
     kwargs = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
                   max_position_embeddings=512, rms_norm_eps=1e-5)
     kwargs.update(overrides)

@@ -237,7 +237,7 @@ def test_a_bfloat16_checkpoint_stays_bfloat16_and_loads_exactly_as_float32(hf_fo
 @pytest.mark.parametrize("family, field, value", [
     ("qwen2", "use_sliding_window", True), ("qwen3", "attention_bias", True), ("llama", "sliding_window", 16),
     ("qwen2", "layer_types", ["sliding_attention", "full_attention"]), ("qwen3", "some_new_field", 1),
-    ("mistral", "some_new_field", 1),
+    ("mistral", "some_new_field", 1), ("gemma", "hidden_act", "gelu"), ("gemma", "use_bidirectional_attention", True),
 ])
 def test_each_family_refuses_what_it_does_not_implement(tmp_path, family, field, value):
     make_hf_model(tmp_path / "hf", family=family, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
