@@ -81,7 +81,11 @@ def hub_snapshot(repo: str) -> Path:
     downloaded once (config, safetensors and tokenizer files only), read from the cache when
     HF_HUB_OFFLINE=1."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     repo_id, _, revision = repo.partition("@")
     try:
@@ -114,6 +118,8 @@ _HF_IGNORED = {
     "num_key_value_heads", "intermediate_size", "rms_norm_eps", "tie_word_embeddings",
     "max_position_embeddings", "sliding_window", "use_sliding_window", "max_window_layers",
     "layer_types", "hidden_activation", "use_bidirectional_attention", "chunk_size_feed_forward",
+    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "_sliding_window_pattern",
+    "sliding_window_pattern", "rope_local_base_freq",
     "problem_type", "task_specific_params",
     "finetuning_task", "prefix", "bad_words_ids", "generation_config", "cross_attention_hidden_size",
     "add_cross_attention", "is_encoder_decoder", "decoder_start_token_id", "sep_token_id",
@@ -126,14 +132,20 @@ _HF_IGNORED = {
 # (jaxprobe/model.py); everything else about them is LLaMA's. Qwen2's q/k/v projections carry
 # biases; Qwen3 RMS-normalises each query and key head before RoPE; Mistral's queries see only
 # their last `sliding_window` keys (LlamaConfig.sliding_window, read from the config); Gemma scales
-# by 1 + its norm weights, gates its MLP with GELU-tanh and multiplies embeddings by sqrt(d_model).
+# by 1 + its norm weights, gates its MLP with GELU-tanh and multiplies embeddings by sqrt(d_model);
+# Gemma 3 adds per-head q/k norms, norms on the attention and MLP outputs, a query scale of its
+# own, and local sliding-window layers (with their own RoPE base) among global ones.
 FAMILY_SWITCHES: dict[str, dict[str, bool]] = {
     "llama": {},
     "mistral": {},
     "qwen2": {"qkv_bias": True},
     "qwen3": {"qk_norm": True},
     "gemma": {"norm_offset": True, "mlp_activation": "gelu_tanh", "embed_scale": True},
+    "gemma3_text": {"norm_offset": True, "mlp_activation": "gelu_tanh", "embed_scale": True, "qk_norm": True,
+                    "post_norms": True},
 }
+# Families whose layers alternate local (sliding-window) and global attention, by `layer_types`.
+_INTERLEAVED = ("gemma3_text",)
 # The MLP activation each family's config must name (anything else is refused by name).
 _HF_ACTIVATIONS = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh",)}
 # Families whose configs carry a `sliding_window` size that only `use_sliding_window` switches on.
@@ -160,28 +172,50 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
             refuse(field, hf[field])
     if hf.get("use_bidirectional_attention"):
         refuse("use_bidirectional_attention", hf["use_bidirectional_attention"])
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(field) is not None:
+            refuse(field, hf[field])
     if hf.get("use_sliding_window"):
         refuse("use_sliding_window", hf["use_sliding_window"])
     window = hf.get("sliding_window")
-    if family in _WINDOW_SWITCHED or (isinstance(window, int) and window >= hf.get("max_position_embeddings", 4096)):
-        window = None  # off unless switched on; a window as long as the context changes nothing
-    if window is not None and family != "mistral":
-        refuse("sliding_window", window)
     layer_types = hf.get("layer_types") or []
-    if any(kind != "full_attention" for kind in layer_types):
+    local_layers = None
+    if family in _INTERLEAVED:
+        if not isinstance(layer_types, list) or len(layer_types) != hf.get("num_hidden_layers") or any(
+                kind not in ("full_attention", "sliding_attention") for kind in layer_types):
+            refuse("layer_types", layer_types)
+        local_layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    elif any(kind != "full_attention" for kind in layer_types):
         refuse("layer_types", sorted(set(layer_types)))
+    if family in _WINDOW_SWITCHED or (family not in _INTERLEAVED and isinstance(window, int)
+                                      and window >= hf.get("max_position_embeddings", 4096)):
+        window = None  # off unless switched on; a window as long as the context changes nothing
+    if window is not None and family not in ("mistral", *_INTERLEAVED):
+        refuse("sliding_window", window)
     if hf.get("pretraining_tp", 1) != 1:
         refuse("pretraining_tp", hf["pretraining_tp"])
     unknown = sorted(k for k in hf if k not in _HF_IGNORED)
     if unknown:
         refuse(unknown[0], hf[unknown[0]])
 
-    # transformers 5 folds rope_theta and rope_scaling into `rope_parameters`.
+    # transformers 5 folds rope_theta and rope_scaling into `rope_parameters` (per layer type for
+    # interleaved families).
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    local_theta = None
+    if family in _INTERLEAVED:
+        local = dict(rope.get("sliding_attention") or {})
+        rope = dict(rope.get("full_attention") or {})
+        if local.get("rope_type", "default") != "default" or set(local) - {"rope_theta", "rope_type"}:
+            refuse("rope_parameters.sliding_attention", local)
+        local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-    scaling = None
-    if rope_type == "llama3":
+    scaling = linear = None
+    if rope_type == "linear":
+        linear = rope.pop("factor", None)
+        if not isinstance(linear, (int, float)) or isinstance(linear, bool) or not linear > 0:
+            refuse("rope_parameters.factor", linear)
+    elif rope_type == "llama3":
         try:
             scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
                                   float(rope["high_freq_factor"]),
@@ -222,6 +256,9 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
             rope_theta=number("rope_theta", float, value=theta), rope_scaling=scaling, tie_embeddings=tie,
             max_position=number("max_position_embeddings", default=4096),
             sliding_window=number("sliding_window", value=window) if window is not None else None,
+            query_scale=number("query_pre_attn_scalar", float) if family in _INTERLEAVED else None,
+            local_layers=local_layers, local_rope_theta=float(local_theta) if local_theta is not None else None,
+            rope_linear_factor=float(linear) if linear is not None else None,
             **FAMILY_SWITCHES[family])
     except ValueError as e:
         raise UserError(f"{where}: {e}") from None
@@ -249,12 +286,25 @@ _HF_LAYER_PARAMS = {
 }
 
 
+# Gemma 3's four block norms: HF's "post_attention_layernorm" is then on the attention output, and
+# the MLP's own input norm is "pre_feedforward_layernorm".
+_POST_NORM_LAYER_PARAMS = {
+    "post_attention_layernorm.weight": ("blocks", "attn_post_norm", "weight"),
+    "pre_feedforward_layernorm.weight": ("blocks", "mlp_norm", "weight"),
+    "post_feedforward_layernorm.weight": ("blocks", "mlp_post_norm", "weight"),
+}
+
+
+def _layer_params(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+    return {**_HF_LAYER_PARAMS, **_POST_NORM_LAYER_PARAMS} if cfg.post_norms else _HF_LAYER_PARAMS
+
+
 def hf_tensor_names(cfg: LlamaConfig) -> list[str]:
     """Every HF tensor name a checkpoint of this config must hold."""
     shapes = param_shapes(cfg)
     names = [name for name, p in _HF_GLOBAL.items() if p in shapes]
     return names + [f"model.layers.{i}.{part}" for i in range(cfg.n_layers)
-                    for part, path in _HF_LAYER_PARAMS.items() if path in shapes]
+                    for part, path in _layer_params(cfg).items() if path in shapes]
 _HF_GLOBAL = {
     "model.embed_tokens.weight": ("embed", "weight"),
     "model.norm.weight": ("final_norm", "weight"),
@@ -283,10 +333,10 @@ def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, .
         want = shapes[path]
     else:
         m = _HF_LAYER.fullmatch(name)
-        if not m or _HF_LAYER_PARAMS.get(m.group(2)) not in shapes:
+        if not m or _layer_params(cfg).get(m.group(2)) not in shapes:
             raise UserError(f"unknown tensor {name!r} (shape {tuple(w.shape)}): not part of this model's "
                             "family (see convert.FAMILY_SWITCHES)")
-        layer, part, path = int(m.group(1)), m.group(2), _HF_LAYER_PARAMS[m.group(2)]
+        layer, part, path = int(m.group(1)), m.group(2), _layer_params(cfg)[m.group(2)]
         if not 0 <= layer < cfg.n_layers:
             raise UserError(f"tensor {name!r} names layer {layer} but the config has {cfg.n_layers} layers")
         want = shapes[path][1:]

@@ -65,6 +65,11 @@ class LlamaConfig:
     norm_offset: bool = False  # RMSNorm scales by 1 + weight, in fp32 (Gemma)
     mlp_activation: str = "silu"  # the gated MLP's activation: "silu" or "gelu_tanh" (Gemma)
     embed_scale: bool = False  # token embeddings times sqrt(d_model), in the model dtype (Gemma)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual add (Gemma 3)
+    query_scale: float | None = None  # scores scaled by query_scale**-0.5, not head_dim**-0.5 (Gemma 3)
+    local_layers: tuple[int, ...] | None = None  # the layers that use sliding_window (None: all of them)
+    local_rope_theta: float | None = None  # the RoPE base of the local layers (Gemma 3)
+    rope_linear_factor: float | None = None  # positions divided by this in the other layers' RoPE
 
     def __post_init__(self):
         # Checked here so that every way in (HF config, GGUF, a checkpoint's config.json) refuses
@@ -81,9 +86,17 @@ class LlamaConfig:
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(
                 self.sliding_window, int) or self.sliding_window < 1):
             raise ValueError(f"sliding_window must be a positive integer or null, not {self.sliding_window!r}")
+        for name in ("query_scale", "local_rope_theta", "rope_linear_factor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"{name} must be a positive number or null, not {value!r}")
+        if self.local_layers is not None and (self.sliding_window is None or not all(
+                isinstance(i, int) and 0 <= i < self.n_layers for i in self.local_layers)):
+            raise ValueError(f"local_layers must be layer indices below n_layers, with a sliding_window, "
+                             f"not {self.local_layers!r}")
         if self.mlp_activation not in ACTIVATIONS:
             raise ValueError(f"mlp_activation must be one of {', '.join(ACTIVATIONS)}, not {self.mlp_activation!r}")
-        for name in ("tie_embeddings", "qkv_bias", "qk_norm", "norm_offset", "embed_scale"):
+        for name in ("tie_embeddings", "qkv_bias", "qk_norm", "norm_offset", "embed_scale", "post_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
@@ -109,6 +122,8 @@ class LlamaConfig:
         if unknown or missing:
             raise ValueError(f"unknown field {unknown[0]!r}" if unknown else f"missing field {missing[0]!r}")
         d = dict(d)
+        if d.get("local_layers") is not None:
+            d["local_layers"] = tuple(d["local_layers"])
         if d.get("rope_scaling"):
             try:
                 d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
@@ -120,13 +135,14 @@ class LlamaConfig:
     def n_params(self) -> int:
         d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
         per_block = 2 * d + d * hd * (2 * h + 2 * kv) + 3 * d * f
-        per_block += self.qkv_bias * hd * (h + 2 * kv) + self.qk_norm * 2 * hd
+        per_block += self.qkv_bias * hd * (h + 2 * kv) + self.qk_norm * 2 * hd + self.post_norms * 2 * d
         head = 0 if self.tie_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.n_layers * per_block + d + head
 
 
 _SWITCHES = {"qkv_bias": False, "qk_norm": False, "sliding_window": None, "norm_offset": False,
-             "mlp_activation": "silu", "embed_scale": False}  # each with its LLaMA value
+             "mlp_activation": "silu", "embed_scale": False, "post_norms": False, "query_scale": None,
+             "local_layers": None, "local_rope_theta": None, "rope_linear_factor": None}  # LLaMA's values
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
@@ -141,6 +157,8 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("blocks", "attn", "q_norm", "weight"): ("layer", "head_dim"),
     ("blocks", "attn", "k_norm", "weight"): ("layer", "head_dim"),
     ("blocks", "mlp_norm", "weight"): ("layer", "embed"),
+    ("blocks", "attn_post_norm", "weight"): ("layer", "embed"),
+    ("blocks", "mlp_post_norm", "weight"): ("layer", "embed"),
     ("blocks", "mlp", "w_gate_up"): ("layer", "embed", "gate_up", "ffn"),
     ("blocks", "mlp", "w_down"): ("layer", "ffn", "embed"),
     ("final_norm", "weight"): ("embed",),
@@ -155,7 +173,9 @@ def param_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
              "ffn": cfg.d_ff, "qkv": cfg.n_heads // cfg.n_kv_heads + 2, "gate_up": 2}
     absent = {("lm_head",): cfg.tie_embeddings, ("blocks", "attn", "bqkv"): not cfg.qkv_bias,
               ("blocks", "attn", "q_norm", "weight"): not cfg.qk_norm,
-              ("blocks", "attn", "k_norm", "weight"): not cfg.qk_norm}
+              ("blocks", "attn", "k_norm", "weight"): not cfg.qk_norm,
+              ("blocks", "attn_post_norm", "weight"): not cfg.post_norms,
+              ("blocks", "mlp_post_norm", "weight"): not cfg.post_norms}
     return {path: tuple(sizes[a] for a in axes) for path, axes in PARAM_AXES.items()
             if not absent.get(path, False)}
 
@@ -188,9 +208,15 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x.dtype)  # as HF's LLaMA: cast back, then scale
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
-    """Inverse frequencies [head_dim/2] in fp32, with Llama-3 scaling if configured."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+def rope_inv_freq(cfg: LlamaConfig, local: bool = False) -> jax.Array:
+    """Inverse frequencies [head_dim/2] in fp32, with Llama-3 or linear scaling if configured (the
+    local layers' own base, unscaled, with `local`)."""
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    if local:
+        return inv_freq
+    if cfg.rope_linear_factor is not None:
+        return inv_freq / cfg.rope_linear_factor
     s = cfg.rope_scaling
     if s is None:
         return inv_freq
@@ -251,14 +277,15 @@ MAX_QUERY_BLOCKS = 32
 
 
 def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index=None,
-                     window: int | None = None):
+                     window: int | None = None, window_on: jax.Array | None = None):
     """Grouped-query causal attention, over the last `window` keys of each query if given.
 
     q: [B, Tq, H, hd], already scaled by 1/sqrt(hd); k, v: [B, T, G, hd] (H a multiple of G);
     valid: bool [B, T], False on padding keys; prefix: keys/values every sequence of the batch
     continues (all real tokens, all visible). Queries are at positions 0..T-1 (Tq = T), or, with
     query_index int32 [B, Tq], at those positions along T only (a prefix's keys come before
-    position 0: a query at t is P + t tokens in). Returns [B, Tq, H, hd].
+    position 0: a query at t is P + t tokens in). window_on: a traced bool turning the window on
+    for this layer (None: on whenever `window` is given). Returns [B, Tq, H, hd].
 
     Each kv head's query heads are folded into the rows of one matrix (rows ordered (t, r), so a
     block of query positions is a contiguous row range): XLA's CPU backend runs these 4-d batched
@@ -293,13 +320,13 @@ def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index
         key_pos = jnp.arange(stop)[None, None, :]
         visible = key_pos <= query_pos[:, :, None]                                       # [B|1, rows, S]
         if window is not None:  # HF: a key is seen while query - key < window
-            visible = visible & (key_pos > query_pos[:, :, None] - window)
+            visible = visible & _windowed(key_pos > query_pos[:, :, None] - window, window_on)
         scores = jnp.where(visible[:, None] & valid[:, None, None, :stop], scores, _MASKED)
         if prefix is not None:
             seen = prefix_scores[:, :, rows]
             if window is not None:
                 in_window = jnp.arange(n_prefix)[None, None, :] > (n_prefix + query_pos[:, :, None] - window)
-                seen = jnp.where(in_window[:, None], seen, _MASKED)
+                seen = jnp.where(_windowed(in_window, window_on)[:, None], seen, _MASKED)
             scores = jnp.concatenate([seen, scores], axis=-1)
         weights = jnp.exp(scores - scores.max(-1, keepdims=True))
         total = weights.sum(-1, keepdims=True)
@@ -314,6 +341,10 @@ def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index
     return out.reshape(b, g, tq, r, hd).transpose(0, 2, 1, 3, 4).reshape(b, tq, h, hd)
 
 
+def _windowed(in_window: jax.Array, window_on: jax.Array | None) -> jax.Array:
+    return in_window if window_on is None else in_window | ~window_on
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -324,6 +355,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_eps, dtype, cfg.norm_offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_eps, dtype, cfg.norm_offset) if cfg.qk_norm else None
         self.window = cfg.sliding_window
+        self.query_scale = cfg.query_scale
 
     def _project(self, x, slots: slice) -> jax.Array:
         """x [B, T, D] -> the projections of `slots` of every KV group [B, T, G, S, hd], with the
@@ -339,7 +371,8 @@ class Attention(nnx.Module):
             out = jnp.concatenate([p for p in parts if p.shape[3]], axis=3)
         return out
 
-    def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None):
+    def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None,
+                 window_on=None):
         """x: [B, T, D]; rope: tables at the batch's positions; valid: [B, T] (False on padding).
 
         Returns the attention output [B, T, D] (or [B, Tq, D] at query_index [B, Tq] only) and this
@@ -348,7 +381,7 @@ class Attention(nnx.Module):
         b, t = x.shape[:2]
         _, g, slots, hd = self.wqkv.shape
         r = slots - 2  # query heads per KV group
-        scale = jnp.asarray(1.0 / math.sqrt(hd), x.dtype)
+        scale = jnp.asarray(1.0 / math.sqrt(self.query_scale or hd), x.dtype)
         if query_index is None:
             # one [d, (h + 2 kv) * hd] matmul instead of three: larger matmuls run closer to peak
             qkv = self._project(x, slice(None))
@@ -363,7 +396,7 @@ class Attention(nnx.Module):
             x_query = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
             q = self._project(x_query, slice(None, r)).reshape(b, -1, g * r, hd)
             q = rope.take(query_index).apply(q) * scale
-        out = causal_attention(q, k, v, valid, prefix, query_index, self.window)
+        out = causal_attention(q, k, v, valid, prefix, query_index, self.window, window_on)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), (k, v)
 
 
@@ -386,14 +419,21 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, dtype, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype, cfg.norm_offset)
         self.mlp = MLP(cfg, dtype, rngs)
+        post = lambda: RMSNorm(cfg.d_model, cfg.rms_eps, dtype, cfg.norm_offset) if cfg.post_norms else None  # noqa: E731
+        self.attn_post_norm, self.mlp_post_norm = post(), post()
 
-    def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None):
+    def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None, window_on=None):
         """Returns the block's output [B, T, D], or [B, Tq, D] at query_index [B, Tq] only."""
-        attn_out, kv = self.attn(self.attn_norm(x), rope, valid, prefix, query_index)
+        attn_out, kv = self.attn(self.attn_norm(x), rope, valid, prefix, query_index, window_on)
         if query_index is not None:
             x = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
+        if self.attn_post_norm is not None:
+            attn_out = self.attn_post_norm(attn_out)
         x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), kv
+        mlp_out = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            mlp_out = self.mlp_post_norm(mlp_out)
+        return x + mlp_out, kv
 
 
 class Llama(nnx.Module):
@@ -449,6 +489,25 @@ def _read(x, read_index, valid, pooling, prefix_sum=None, prefix_len=None):
     return total / jnp.maximum(count, 1.0)
 
 
+def _layer_options(cfg: LlamaConfig, positions: jax.Array):
+    """A function of the layer index giving that layer's (RoPE tables, window switch): the same
+    for every layer unless the family interleaves local (sliding-window) layers with global ones,
+    which may also have their own RoPE base (Gemma 3)."""
+    rope = Rope.at(positions, rope_inv_freq(cfg))
+    if cfg.local_layers is None:
+        return lambda layer_index: (rope, None)
+    is_local = jnp.asarray([i in cfg.local_layers for i in range(cfg.n_layers)])
+    local_rope = None if cfg.local_rope_theta is None else Rope.at(positions, rope_inv_freq(cfg, local=True))
+
+    def options(layer_index):
+        on = is_local[layer_index]
+        if local_rope is None:
+            return rope, on
+        return jax.tree.map(lambda a, b: jnp.where(on, a, b), local_rope, rope), on
+
+    return options
+
+
 def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str = "last",
             residual: bool = True, logit_ids: jax.Array | None = None, all_logits: bool = False,
             prefix: PrefixCache | None = None) -> ForwardOutputs:
@@ -461,7 +520,7 @@ def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str 
     `all_logits`. With `prefix`, the batch continues a shared prefix (positions start after it).
     """
     cfg = model.config
-    rope = Rope.at(positions, rope_inv_freq(cfg))
+    layer_options = _layer_options(cfg, positions)
     x = model.embed(tokens)
     prefix_sum = None if prefix is None else prefix.residual_sum
     prefix_len = None if prefix is None else prefix.length
@@ -482,14 +541,17 @@ def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str 
     n_scanned = cfg.n_layers - 1 if last_at_read else cfg.n_layers
 
     def body(h, layer_index):
-        h, _ = layer_block(layer_index)(h, rope, valid, layer_prefix(layer_index))
+        rope, window_on = layer_options(layer_index)
+        h, _ = layer_block(layer_index)(h, rope, valid, layer_prefix(layer_index), window_on=window_on)
         return h, read(h, layer_index + 1)
 
     x, block_reads = jax.lax.scan(body, x, jnp.arange(n_scanned))
     reads = [embed_read[:, None], jnp.swapaxes(block_reads, 0, 1)] if residual else None
     if last_at_read:
         last_layer = cfg.n_layers - 1
-        x = layer_block(last_layer)(x, rope, valid, layer_prefix(last_layer), read_index[:, None])[0]
+        rope, window_on = layer_options(last_layer)
+        x = layer_block(last_layer)(x, rope, valid, layer_prefix(last_layer), read_index[:, None],
+                                    window_on=window_on)[0]
         last = x[:, 0]
         if residual:
             reads.append(last[:, None].astype(jnp.float32))
@@ -514,15 +576,17 @@ def prefix_forward(model: Llama, tokens) -> PrefixCache:
     n = tokens.shape[1]
     positions = jnp.arange(n, dtype=jnp.int32)[None]
     valid = jnp.ones((1, n), bool)
-    rope = Rope.at(positions, rope_inv_freq(cfg))
+    layer_options = _layer_options(cfg, positions)
     x = model.embed(tokens)
     graphdef, block_state = nnx.split(model.blocks)
 
-    def body(h, layer_state):
+    def body(h, layer):
+        layer_state, layer_index = layer
         block = nnx.merge(graphdef, layer_state)
-        h, (k, v) = block(h, rope, valid)
+        rope, window_on = layer_options(layer_index)
+        h, (k, v) = block(h, rope, valid, window_on=window_on)
         return h, (k[0], v[0], h[0].astype(jnp.float32).sum(0))
 
-    _, (ks, vs, sums) = jax.lax.scan(body, x, block_state)
+    _, (ks, vs, sums) = jax.lax.scan(body, x, (block_state, jnp.arange(cfg.n_layers)))
     residual_sum = jnp.concatenate([x[0].astype(jnp.float32).sum(0)[None], sums], axis=0)
     return PrefixCache(PrefixKV(ks, vs), residual_sum, jnp.asarray(n, jnp.int32))
