@@ -141,11 +141,14 @@ FAMILY_SWITCHES: dict[str, dict[str, bool]] = {
     "qwen2": {"qkv_bias": True},
     "qwen3": {"qk_norm": True},
     "gemma": {"norm_offset": True, "mlp_activation": "gelu_tanh", "embed_scale": True},
+    "gemma2": {"norm_offset": True, "mlp_activation": "gelu_tanh", "embed_scale": True, "post_norms": True},
     "gemma3_text": {"norm_offset": True, "mlp_activation": "gelu_tanh", "embed_scale": True, "qk_norm": True,
                     "post_norms": True},
 }
 # Families whose layers alternate local (sliding-window) and global attention, by `layer_types`.
-_INTERLEAVED = ("gemma3_text",)
+_INTERLEAVED = ("gemma2", "gemma3_text")
+# Families whose scores and logits may be soft-capped (cap * tanh(x / cap)).
+_SOFTCAPPED = ("gemma2",)
 # The MLP activation each family's config must name (anything else is refused by name).
 _HF_ACTIVATIONS = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh",)}
 # Families whose configs carry a `sliding_window` size that only `use_sliding_window` switches on.
@@ -173,7 +176,7 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
     if hf.get("use_bidirectional_attention"):
         refuse("use_bidirectional_attention", hf["use_bidirectional_attention"])
     for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if hf.get(field) is not None:
+        if hf.get(field) is not None and family not in _SOFTCAPPED:
             refuse(field, hf[field])
     if hf.get("use_sliding_window"):
         refuse("use_sliding_window", hf["use_sliding_window"])
@@ -202,7 +205,7 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
     # interleaved families).
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     local_theta = None
-    if family in _INTERLEAVED:
+    if family in _INTERLEAVED and "full_attention" in rope:  # one RoPE per layer type
         local = dict(rope.get("sliding_attention") or {})
         rope = dict(rope.get("full_attention") or {})
         if local.get("rope_type", "default") != "default" or set(local) - {"rope_theta", "rope_type"}:
@@ -259,6 +262,8 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
             query_scale=number("query_pre_attn_scalar", float) if family in _INTERLEAVED else None,
             local_layers=local_layers, local_rope_theta=float(local_theta) if local_theta is not None else None,
             rope_linear_factor=float(linear) if linear is not None else None,
+            attn_softcap=number("attn_logit_softcapping", float) if hf.get("attn_logit_softcapping") else None,
+            final_softcap=number("final_logit_softcapping", float) if hf.get("final_logit_softcapping") else None,
             **FAMILY_SWITCHES[family])
     except ValueError as e:
         raise UserError(f"{where}: {e}") from None

@@ -70,6 +70,8 @@ class LlamaConfig:
     local_layers: tuple[int, ...] | None = None  # the layers that use sliding_window (None: all of them)
     local_rope_theta: float | None = None  # the RoPE base of the local layers (Gemma 3)
     rope_linear_factor: float | None = None  # positions divided by this in the other layers' RoPE
+    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
 
     def __post_init__(self):
         # Checked here so that every way in (HF config, GGUF, a checkpoint's config.json) refuses
@@ -86,7 +88,7 @@ class LlamaConfig:
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(
                 self.sliding_window, int) or self.sliding_window < 1):
             raise ValueError(f"sliding_window must be a positive integer or null, not {self.sliding_window!r}")
-        for name in ("query_scale", "local_rope_theta", "rope_linear_factor"):
+        for name in ("query_scale", "local_rope_theta", "rope_linear_factor", "attn_softcap", "final_softcap"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 raise ValueError(f"{name} must be a positive number or null, not {value!r}")
@@ -142,7 +144,8 @@ class LlamaConfig:
 
 _SWITCHES = {"qkv_bias": False, "qk_norm": False, "sliding_window": None, "norm_offset": False,
              "mlp_activation": "silu", "embed_scale": False, "post_norms": False, "query_scale": None,
-             "local_layers": None, "local_rope_theta": None, "rope_linear_factor": None}  # LLaMA's values
+             "local_layers": None, "local_rope_theta": None, "rope_linear_factor": None,
+             "attn_softcap": None, "final_softcap": None}  # each with its LLaMA value
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
@@ -277,7 +280,8 @@ MAX_QUERY_BLOCKS = 32
 
 
 def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index=None,
-                     window: int | None = None, window_on: jax.Array | None = None):
+                     window: int | None = None, window_on: jax.Array | None = None,
+                     softcap: float | None = None):
     """Grouped-query causal attention, over the last `window` keys of each query if given.
 
     q: [B, Tq, H, hd], already scaled by 1/sqrt(hd); k, v: [B, T, G, hd] (H a multiple of G);
@@ -285,7 +289,8 @@ def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index
     continues (all real tokens, all visible). Queries are at positions 0..T-1 (Tq = T), or, with
     query_index int32 [B, Tq], at those positions along T only (a prefix's keys come before
     position 0: a query at t is P + t tokens in). window_on: a traced bool turning the window on
-    for this layer (None: on whenever `window` is given). Returns [B, Tq, H, hd].
+    for this layer (None: on whenever `window` is given). softcap: scores -> softcap * tanh(scores /
+    softcap) before masking (Gemma 2). Returns [B, Tq, H, hd].
 
     Each kv head's query heads are folded into the rows of one matrix (rows ordered (t, r), so a
     block of query positions is a contiguous row range): XLA's CPU backend runs these 4-d batched
@@ -303,7 +308,7 @@ def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index
         n_prefix = prefix.k.shape[0]
         qp = qf.transpose(1, 0, 2, 3).reshape(g, b * tq * r, hd)
         prefix_scores = jnp.einsum("gmk,pgk->gmp", qp, prefix.k, preferred_element_type=jnp.float32)
-        prefix_scores = prefix_scores.reshape(g, b, tq * r, n_prefix).transpose(1, 0, 2, 3)
+        prefix_scores = _capped(prefix_scores.reshape(g, b, tq * r, n_prefix).transpose(1, 0, 2, 3), softcap)
     if query_index is None:
         # (row range, keys it can see, each row's query position [1, rows]) per block of queries
         block = max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS))
@@ -315,8 +320,8 @@ def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index
         blocks = [(slice(0, tq * r), t, jnp.repeat(query_index, r, axis=1))]
     outs = []
     for rows, stop, query_pos in blocks:
-        scores = jnp.einsum("bgmk,bgsk->bgms", qf[:, :, rows], kt[:, :, :stop],
-                            preferred_element_type=jnp.float32)
+        scores = _capped(jnp.einsum("bgmk,bgsk->bgms", qf[:, :, rows], kt[:, :, :stop],
+                                    preferred_element_type=jnp.float32), softcap)
         key_pos = jnp.arange(stop)[None, None, :]
         visible = key_pos <= query_pos[:, :, None]                                       # [B|1, rows, S]
         if window is not None:  # HF: a key is seen while query - key < window
@@ -341,6 +346,10 @@ def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index
     return out.reshape(b, g, tq, r, hd).transpose(0, 2, 1, 3, 4).reshape(b, tq, h, hd)
 
 
+def _capped(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def _windowed(in_window: jax.Array, window_on: jax.Array | None) -> jax.Array:
     return in_window if window_on is None else in_window | ~window_on
 
@@ -356,6 +365,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_eps, dtype, cfg.norm_offset) if cfg.qk_norm else None
         self.window = cfg.sliding_window
         self.query_scale = cfg.query_scale
+        self.softcap = cfg.attn_softcap
 
     def _project(self, x, slots: slice) -> jax.Array:
         """x [B, T, D] -> the projections of `slots` of every KV group [B, T, G, S, hd], with the
@@ -396,7 +406,7 @@ class Attention(nnx.Module):
             x_query = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
             q = self._project(x_query, slice(None, r)).reshape(b, -1, g * r, hd)
             q = rope.take(query_index).apply(q) * scale
-        out = causal_attention(q, k, v, valid, prefix, query_index, self.window, window_on)
+        out = causal_attention(q, k, v, valid, prefix, query_index, self.window, window_on, self.softcap)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), (k, v)
 
 
@@ -565,7 +575,8 @@ def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str 
     elif all_logits:
         logits = model.unembedding()
     if logits is not None:
-        logits = jnp.einsum("bd,dv->bv", normed, logits, preferred_element_type=jnp.float32)
+        logits = _capped(jnp.einsum("bd,dv->bv", normed, logits, preferred_element_type=jnp.float32),
+                         cfg.final_softcap)
     return ForwardOutputs(resid, normed.astype(jnp.float32), logits)
 
 

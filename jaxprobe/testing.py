@@ -105,6 +105,9 @@ HF_VARIANTS = {
     "mistral-window-8": dict(family="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
                              tie_word_embeddings=False),
     "gemma-gqa-head-dim": dict(family="gemma", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "gemma2-softcap": dict(family="gemma2", num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=32, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                           final_logit_softcapping=3.0),
     "gemma3-interleaved": dict(family="gemma3_text", num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
                                layer_types=["sliding_attention", "full_attention", "sliding_attention",
@@ -123,7 +126,8 @@ def make_hf_model(folder, *, seed=0, family="llama", **overrides):
     import transformers
 
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                    "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma3_text": "Gemma3TextConfig"}[family]
+                    "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+                    "gemma3_text": "Gemma3TextConfig"}[family]
     kwargs = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
                   max_position_embeddings=512, rms_norm_eps=1e-5)
     kwargs.update(overrides)
