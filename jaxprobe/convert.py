@@ -320,6 +320,7 @@ _GGUF_LAYER = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
@@ -470,36 +471,43 @@ def _gguf_field(reader, key, default=None):
     return default if field is None else field.contents()
 
 
+# GGUF architectures read (as llama.cpp's converter writes them), with their HF family.
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
 def gguf_config(reader, where: str) -> LlamaConfig:
     arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise UserError(f"{where}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
-    f = lambda k, d=None: _gguf_field(reader, f"llama.{k}", d)  # noqa: E731
-    for key in ("rope.scaling.type", "expert_count"):
+    if arch not in GGUF_ARCHITECTURES:
+        raise UserError(f"{where}: general.architecture is {arch!r}; GGUF files of "
+                        f"{', '.join(GGUF_ARCHITECTURES)} are supported")
+    f = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
+    for key in ("rope.scaling.type", "expert_count", "attention.sliding_window"):
         if f(key) not in (None, "none", 0):
-            raise UserError(f"{where}: unsupported GGUF field llama.{key}={f(key)!r}")
+            raise UserError(f"{where}: unsupported GGUF field {arch}.{key}={f(key)!r}")
     required = [k for k in ("attention.head_count", "embedding_length", "block_count", "feed_forward_length")
                 if f(k) is None]
     if required:
-        raise UserError(f"{where}: lacks the field llama.{required[0]}")
+        raise UserError(f"{where}: lacks the field {arch}.{required[0]}")
     n_heads = int(f("attention.head_count"))
     d_model = int(f("embedding_length"))
     vocab = f("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     names = {t.name for t in reader.tensors}
     if n_heads < 1:
-        raise UserError(f"{where}: llama.attention.head_count must be positive, not {n_heads}")
+        raise UserError(f"{where}: {arch}.attention.head_count must be positive, not {n_heads}")
     return LlamaConfig(
         vocab_size=int(vocab), d_model=d_model, n_layers=int(f("block_count")), n_heads=n_heads,
         n_kv_heads=int(f("attention.head_count_kv", n_heads)),
-        head_dim=int(f("rope.dimension_count", d_model // n_heads)),
+        head_dim=int(f("attention.key_length") or f("rope.dimension_count") or d_model // n_heads),
         d_ff=int(f("feed_forward_length")), rms_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(f("rope.freq_base", 10000.0)), rope_scaling=None,
-        tie_embeddings="output.weight" not in names, max_position=int(f("context_length", 4096)))
+        tie_embeddings="output.weight" not in names, max_position=int(f("context_length", 4096)),
+        **FAMILY_SWITCHES[GGUF_ARCHITECTURES[arch]])
 
 
 def _iter_gguf(reader, cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
     from gguf.quants import dequantize
 
+    permuted_qk = _gguf_field(reader, "general.architecture") == "llama"
     for t in reader.tensors:
         try:
             w = dequantize(t.data, t.tensor_type).astype(np.float32)  # torch layout [out, in]
@@ -509,13 +517,13 @@ def _iter_gguf(reader, cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
             yield _GGUF_GLOBAL[t.name], w
             continue
         parts = t.name.split(".")
-        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER or parts[3] != "weight":
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER or parts[3] not in ("weight", "bias"):
             raise UserError(f"unknown GGUF tensor {t.name!r} (shape {tuple(w.shape)})")
-        if parts[2] == "attn_q":
+        if permuted_qk and parts[2] == "attn_q":  # llama.cpp permutes q/k rows for llama only
             w = unpermute_gguf_qk(w, cfg.n_heads)
-        elif parts[2] == "attn_k":
+        elif permuted_qk and parts[2] == "attn_k":
             w = unpermute_gguf_qk(w, cfg.n_kv_heads)
-        yield f"model.layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.weight", w
+        yield f"model.layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.{parts[3]}", w
 
 
 # --------------------------------------------------------------------------------------------
