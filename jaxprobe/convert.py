@@ -119,7 +119,8 @@ _HF_IGNORED = {
     "max_position_embeddings", "sliding_window", "use_sliding_window", "max_window_layers",
     "layer_types", "hidden_activation", "use_bidirectional_attention", "chunk_size_feed_forward",
     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "_sliding_window_pattern",
-    "sliding_window_pattern", "rope_local_base_freq",
+    "sliding_window_pattern", "rope_local_base_freq", "resid_pdrop", "embd_pdrop", "qk_layernorm",
+    "layer_norm_eps", "partial_rotary_factor",
     "problem_type", "task_specific_params",
     "finetuning_task", "prefix", "bad_words_ids", "generation_config", "cross_attention_hidden_size",
     "add_cross_attention", "is_encoder_decoder", "decoder_start_token_id", "sep_token_id",
@@ -134,13 +135,17 @@ _HF_IGNORED = {
 # their last `sliding_window` keys (LlamaConfig.sliding_window, read from the config); Gemma scales
 # by 1 + its norm weights, gates its MLP with GELU-tanh and multiplies embeddings by sqrt(d_model);
 # Gemma 3 adds per-head q/k norms, norms on the attention and MLP outputs, a query scale of its
-# own, and local sliding-window layers (with their own RoPE base) among global ones.
+# own, and local sliding-window layers (with their own RoPE base) among global ones. Phi-2 runs
+# attention and a plain (ungated) MLP in parallel on one LayerNorm, with biases everywhere and RoPE
+# on part of each head.
 FAMILY_SWITCHES: dict[str, dict[str, bool]] = {
     "llama": {},
     "mistral": {},
     "qwen2": {"qkv_bias": True},
     "qwen3": {"qk_norm": True},
     "gemma": {"norm_offset": True, "mlp_activation": "gelu_tanh", "embed_scale": True},
+    "phi": {"layer_norm": True, "parallel_block": True, "gated_mlp": False, "mlp_bias": True, "o_bias": True,
+            "qkv_bias": True, "lm_head_bias": True, "mlp_activation": "gelu_tanh"},
     "gemma2": {"norm_offset": True, "mlp_activation": "gelu_tanh", "embed_scale": True, "post_norms": True},
     "gemma3_text": {"norm_offset": True, "mlp_activation": "gelu_tanh", "embed_scale": True, "qk_norm": True,
                     "post_norms": True},
@@ -150,7 +155,7 @@ _INTERLEAVED = ("gemma2", "gemma3_text")
 # Families whose scores and logits may be soft-capped (cap * tanh(x / cap)).
 _SOFTCAPPED = ("gemma2",)
 # The MLP activation each family's config must name (anything else is refused by name).
-_HF_ACTIVATIONS = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh",)}
+_HF_ACTIVATIONS = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_new")}
 # Families whose configs carry a `sliding_window` size that only `use_sliding_window` switches on.
 _WINDOW_SWITCHED = ("qwen2", "qwen3")
 
@@ -229,9 +234,14 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
             raise UserError(f"{where}: llama3 rope scaling holds a non-number: {rope}") from None
     elif rope_type != "default":
         refuse("rope_type", rope_type)
-    for k in ("partial_rotary_factor", "attention_factor", "beta_fast", "beta_slow", "mscale"):
+    partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None and (family != "phi" or not isinstance(partial, (int, float)) or not 0 < partial <= 1):
+        refuse("partial_rotary_factor", partial)
+    for k in ("attention_factor", "beta_fast", "beta_slow", "mscale"):
         if k in rope:
             refuse(f"rope_parameters.{k}", rope[k])
+    if hf.get("qk_layernorm"):
+        refuse("qk_layernorm", hf["qk_layernorm"])
 
     def number(key, kind=int, default=None, value=None):
         """A numeric field, refused in one line if missing (without a default) or of another type."""
@@ -247,6 +257,7 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
     n_heads, d_model = number("num_attention_heads"), number("hidden_size")
     if n_heads < 1:
         raise UserError(f"{where}: num_attention_heads must be a positive integer, not {n_heads}")
+    head_dim = number("head_dim", default=d_model // n_heads)
     tie = hf.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise UserError(f"{where}: tie_word_embeddings must be true or false, not {tie!r}")
@@ -254,8 +265,10 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
         return LlamaConfig(
             vocab_size=number("vocab_size"), d_model=d_model, n_layers=number("num_hidden_layers"),
             n_heads=n_heads, n_kv_heads=number("num_key_value_heads", default=n_heads),
-            head_dim=number("head_dim", default=d_model // n_heads),
-            d_ff=number("intermediate_size"), rms_eps=number("rms_norm_eps", float, 1e-6),
+            head_dim=head_dim,
+            d_ff=number("intermediate_size"),
+            rms_eps=number("layer_norm_eps" if family == "phi" else "rms_norm_eps", float, 1e-6),
+            rotary_dim=(int(head_dim * partial) // 2 * 2 if partial is not None and partial < 1 else None),
             rope_theta=number("rope_theta", float, value=theta), rope_scaling=scaling, tie_embeddings=tie,
             max_position=number("max_position_embeddings", default=4096),
             sliding_window=number("sliding_window", value=window) if window is not None else None,
@@ -273,14 +286,12 @@ def hf_config_to_llama(hf: dict, where: str = "config.json") -> LlamaConfig:
 # Key mapping: (source tensor name) -> (our parameter path, where in it, array in our layout)
 
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# q, k and v projections (weights, and biases where a family has them) fill slots of wqkv / bqkv.
+_QKV_PARAMS = {f"self_attn.{p}_proj.{kind}": ("blocks", "attn", "wqkv" if kind == "weight" else "bqkv")
+               for p in "qkv" for kind in ("weight", "bias")}
 _HF_LAYER_PARAMS = {
     "input_layernorm.weight": ("blocks", "attn_norm", "weight"),
-    "self_attn.q_proj.weight": ("blocks", "attn", "wqkv"),
-    "self_attn.k_proj.weight": ("blocks", "attn", "wqkv"),
-    "self_attn.v_proj.weight": ("blocks", "attn", "wqkv"),
-    "self_attn.q_proj.bias": ("blocks", "attn", "bqkv"),
-    "self_attn.k_proj.bias": ("blocks", "attn", "bqkv"),
-    "self_attn.v_proj.bias": ("blocks", "attn", "bqkv"),
+    **_QKV_PARAMS,
     "self_attn.q_norm.weight": ("blocks", "attn", "q_norm", "weight"),
     "self_attn.k_norm.weight": ("blocks", "attn", "k_norm", "weight"),
     "self_attn.o_proj.weight": ("blocks", "attn", "wo"),
@@ -301,13 +312,15 @@ _POST_NORM_LAYER_PARAMS = {
 
 
 def _layer_params(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+    if cfg.layer_norm:
+        return _PHI_LAYER_PARAMS
     return {**_HF_LAYER_PARAMS, **_POST_NORM_LAYER_PARAMS} if cfg.post_norms else _HF_LAYER_PARAMS
 
 
 def hf_tensor_names(cfg: LlamaConfig) -> list[str]:
     """Every HF tensor name a checkpoint of this config must hold."""
     shapes = param_shapes(cfg)
-    names = [name for name, p in _HF_GLOBAL.items() if p in shapes]
+    names = [name for name, p in _global_params(cfg).items() if p in shapes]
     return names + [f"model.layers.{i}.{part}" for i in range(cfg.n_layers)
                     for part, path in _layer_params(cfg).items() if path in shapes]
 _HF_GLOBAL = {
@@ -315,6 +328,29 @@ _HF_GLOBAL = {
     "model.norm.weight": ("final_norm", "weight"),
     "lm_head.weight": ("lm_head",),
 }
+# Phi's names: a LayerNorm with a bias, biases on the output projection, the MLP and the logits.
+_PHI_GLOBAL = {
+    "model.embed_tokens.weight": ("embed", "weight"),
+    "model.final_layernorm.weight": ("final_norm", "weight"),
+    "model.final_layernorm.bias": ("final_norm", "bias"),
+    "lm_head.weight": ("lm_head",),
+    "lm_head.bias": ("lm_head_bias",),
+}
+_PHI_LAYER_PARAMS = {
+    "input_layernorm.weight": ("blocks", "attn_norm", "weight"),
+    "input_layernorm.bias": ("blocks", "attn_norm", "bias"),
+    **_QKV_PARAMS,
+    "self_attn.dense.weight": ("blocks", "attn", "wo"),
+    "self_attn.dense.bias": ("blocks", "attn", "bo"),
+    "mlp.fc1.weight": ("blocks", "mlp", "w_up"),
+    "mlp.fc1.bias": ("blocks", "mlp", "b_up"),
+    "mlp.fc2.weight": ("blocks", "mlp", "w_down"),
+    "mlp.fc2.bias": ("blocks", "mlp", "b_down"),
+}
+
+
+def _global_params(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+    return _PHI_GLOBAL if cfg.layer_norm else _HF_GLOBAL
 # GGUF tensor names, as llama.cpp's converter writes them, mapped to HF names.
 _GGUF_LAYER = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -332,8 +368,8 @@ def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, .
     layout, against the config. Fused parameters take several tensors: q/k/v fill slots of
     `wqkv`'s group axis, gate/up the two rows of `w_gate_up`."""
     shapes = param_shapes(cfg)
-    if name in _HF_GLOBAL:
-        path, layer = _HF_GLOBAL[name], None
+    if name in _global_params(cfg):
+        path, layer = _global_params(cfg)[name], None
         if path == ("lm_head",) and cfg.tie_embeddings:
             return path, None, w  # some tied checkpoints also store the (identical) head; skipped
         want = shapes[path]

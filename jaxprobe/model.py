@@ -72,6 +72,13 @@ class LlamaConfig:
     rope_linear_factor: float | None = None  # positions divided by this in the other layers' RoPE
     attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    layer_norm: bool = False  # LayerNorm with a bias instead of RMSNorm (Phi)
+    parallel_block: bool = False  # attention and MLP both read the one normed input (Phi)
+    gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))) (Phi)
+    mlp_bias: bool = False  # biases on the MLP's two projections (Phi)
+    o_bias: bool = False  # a bias on the attention output projection (Phi)
+    rotary_dim: int | None = None  # RoPE on each head's first rotary_dim dims only (Phi)
+    lm_head_bias: bool = False  # a bias on the logits (Phi)
 
     def __post_init__(self):
         # Checked here so that every way in (HF config, GGUF, a checkpoint's config.json) refuses
@@ -98,7 +105,11 @@ class LlamaConfig:
                              f"not {self.local_layers!r}")
         if self.mlp_activation not in ACTIVATIONS:
             raise ValueError(f"mlp_activation must be one of {', '.join(ACTIVATIONS)}, not {self.mlp_activation!r}")
-        for name in ("tie_embeddings", "qkv_bias", "qk_norm", "norm_offset", "embed_scale", "post_norms"):
+        if self.rotary_dim is not None and not (isinstance(self.rotary_dim, int) and not isinstance(
+                self.rotary_dim, bool) and 2 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim must be an even number of dims up to head_dim, not {self.rotary_dim!r}")
+        for name in ("tie_embeddings", "qkv_bias", "qk_norm", "norm_offset", "embed_scale", "post_norms",
+                     "layer_norm", "parallel_block", "gated_mlp", "mlp_bias", "o_bias", "lm_head_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
@@ -135,17 +146,15 @@ class LlamaConfig:
 
     @property
     def n_params(self) -> int:
-        d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
-        per_block = 2 * d + d * hd * (2 * h + 2 * kv) + 3 * d * f
-        per_block += self.qkv_bias * hd * (h + 2 * kv) + self.qk_norm * 2 * hd + self.post_norms * 2 * d
-        head = 0 if self.tie_embeddings else d * self.vocab_size
-        return self.vocab_size * d + self.n_layers * per_block + d + head
+        return sum(math.prod(shape) for shape in param_shapes(self).values())
 
 
 _SWITCHES = {"qkv_bias": False, "qk_norm": False, "sliding_window": None, "norm_offset": False,
              "mlp_activation": "silu", "embed_scale": False, "post_norms": False, "query_scale": None,
              "local_layers": None, "local_rope_theta": None, "rope_linear_factor": None,
-             "attn_softcap": None, "final_softcap": None}  # each with its LLaMA value
+             "attn_softcap": None, "final_softcap": None, "layer_norm": False, "parallel_block": False,
+             "gated_mlp": True, "mlp_bias": False, "o_bias": False, "rotary_dim": None,
+             "lm_head_bias": False}  # each with its LLaMA value
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
@@ -154,6 +163,13 @@ ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approx
 PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("embed", "weight"): ("vocab", "embed"),
     ("blocks", "attn_norm", "weight"): ("layer", "embed"),
+    ("blocks", "attn_norm", "bias"): ("layer", "embed"),
+    ("blocks", "attn", "bo"): ("layer", "embed"),
+    ("blocks", "mlp", "w_up"): ("layer", "embed", "ffn"),
+    ("blocks", "mlp", "b_up"): ("layer", "ffn"),
+    ("blocks", "mlp", "b_down"): ("layer", "embed"),
+    ("final_norm", "bias"): ("embed",),
+    ("lm_head_bias",): ("vocab",),
     ("blocks", "attn", "wqkv"): ("layer", "embed", "kv_heads", "qkv", "head_dim"),
     ("blocks", "attn", "wo"): ("layer", "heads", "head_dim", "embed"),
     ("blocks", "attn", "bqkv"): ("layer", "kv_heads", "qkv", "head_dim"),
@@ -178,7 +194,12 @@ def param_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
               ("blocks", "attn", "q_norm", "weight"): not cfg.qk_norm,
               ("blocks", "attn", "k_norm", "weight"): not cfg.qk_norm,
               ("blocks", "attn_post_norm", "weight"): not cfg.post_norms,
-              ("blocks", "mlp_post_norm", "weight"): not cfg.post_norms}
+              ("blocks", "mlp_post_norm", "weight"): not cfg.post_norms,
+              ("blocks", "attn_norm", "bias"): not cfg.layer_norm, ("final_norm", "bias"): not cfg.layer_norm,
+              ("blocks", "mlp_norm", "weight"): cfg.parallel_block,
+              ("blocks", "mlp", "w_gate_up"): not cfg.gated_mlp, ("blocks", "mlp", "w_up"): cfg.gated_mlp,
+              ("blocks", "mlp", "b_up"): not cfg.mlp_bias, ("blocks", "mlp", "b_down"): not cfg.mlp_bias,
+              ("blocks", "attn", "bo"): not cfg.o_bias, ("lm_head_bias",): not cfg.lm_head_bias}
     return {path: tuple(sizes[a] for a in axes) for path, axes in PARAM_AXES.items()
             if not absent.get(path, False)}
 
@@ -195,6 +216,26 @@ class Embedding(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.weight[...], tokens, axis=0)
         return x if self.scale is None else x * jnp.asarray(self.scale, x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with a bias (Phi), normalised in fp32 as torch does it for fp32 inputs."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        centred = x32 - x32.mean(-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.weight[...] + self.bias[...]
+
+
+def make_norm(cfg: LlamaConfig, dim: int, dtype):
+    """The family's norm over `dim`: LayerNorm, or RMSNorm (with Gemma's 1 + weight)."""
+    return LayerNorm(dim, cfg.rms_eps, dtype) if cfg.layer_norm else RMSNorm(dim, cfg.rms_eps, dtype, cfg.norm_offset)
 
 
 class RMSNorm(nnx.Module):
@@ -215,7 +256,8 @@ def rope_inv_freq(cfg: LlamaConfig, local: bool = False) -> jax.Array:
     """Inverse frequencies [head_dim/2] in fp32, with Llama-3 or linear scaling if configured (the
     local layers' own base, unscaled, with `local`)."""
     theta = cfg.local_rope_theta if local else cfg.rope_theta
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    dim = cfg.rotary_dim or cfg.head_dim
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     if local:
         return inv_freq
     if cfg.rope_linear_factor is not None:
@@ -366,6 +408,14 @@ class Attention(nnx.Module):
         self.window = cfg.sliding_window
         self.query_scale = cfg.query_scale
         self.softcap = cfg.attn_softcap
+        self.rotary_dim = cfg.rotary_dim
+        self.bo = _normal(rngs, (d,), dtype) if cfg.o_bias else None
+
+    def _rotate(self, rope: Rope, x: jax.Array) -> jax.Array:
+        """RoPE over each head's first rotary_dim dims (all of them unless the family says)."""
+        if self.rotary_dim is None:
+            return rope.apply(x)
+        return jnp.concatenate([rope.apply(x[..., :self.rotary_dim]), x[..., self.rotary_dim:]], -1)
 
     def _project(self, x, slots: slice) -> jax.Array:
         """x [B, T, D] -> the projections of `slots` of every KV group [B, T, G, S, hd], with the
@@ -396,47 +446,65 @@ class Attention(nnx.Module):
             # one [d, (h + 2 kv) * hd] matmul instead of three: larger matmuls run closer to peak
             qkv = self._project(x, slice(None))
             # queries and keys rotated in one pass
-            qk = rope.apply(qkv[:, :, :, :r + 1].reshape(b, t, g * (r + 1), hd)).reshape(b, t, g, r + 1, hd)
+            qk = self._rotate(rope, qkv[:, :, :, :r + 1].reshape(b, t, g * (r + 1), hd)).reshape(b, t, g, r + 1, hd)
             q = (qk[:, :, :, :r] * scale).reshape(b, t, g * r, hd)
             k, v = qk[:, :, :, r], qkv[:, :, :, r + 1]
         else:
             # keys and values at every position, queries only where the output is read
             kv_proj = self._project(x, slice(r, None))
-            k, v = rope.apply(kv_proj[:, :, :, 0]), kv_proj[:, :, :, 1]
+            k, v = self._rotate(rope, kv_proj[:, :, :, 0]), kv_proj[:, :, :, 1]
             x_query = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
             q = self._project(x_query, slice(None, r)).reshape(b, -1, g * r, hd)
-            q = rope.take(query_index).apply(q) * scale
+            q = self._rotate(rope.take(query_index), q) * scale
         out = causal_attention(q, k, v, valid, prefix, query_index, self.window, window_on, self.softcap)
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), (k, v)
+        out = jnp.einsum("bthk,hkd->btd", out, self.wo[...])
+        return (out if self.bo is None else out + self.bo[...]), (k, v)
 
 
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or GELU-tanh (Gemma's GeGLU)."""
 
     def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
-        self.w_gate_up = _normal(rngs, (cfg.d_model, 2, cfg.d_ff), dtype)  # [:, 0] gate, [:, 1] up
+        if cfg.gated_mlp:
+            self.w_gate_up = _normal(rngs, (cfg.d_model, 2, cfg.d_ff), dtype)  # [:, 0] gate, [:, 1] up
+        else:
+            self.w_up = _normal(rngs, (cfg.d_model, cfg.d_ff), dtype)
         self.w_down = _normal(rngs, (cfg.d_ff, cfg.d_model), dtype)
+        self.b_up = _normal(rngs, (cfg.d_ff,), dtype) if cfg.mlp_bias else None
+        self.b_down = _normal(rngs, (cfg.d_model,), dtype) if cfg.mlp_bias else None
         self.activation = cfg.mlp_activation
+        self.gated = cfg.gated_mlp
 
     def __call__(self, x):
-        gate_up = jnp.einsum("...d,dcf->...cf", x, self.w_gate_up[...])  # one matmul, not two
-        return (ACTIVATIONS[self.activation](gate_up[..., 0, :]) * gate_up[..., 1, :]) @ self.w_down[...]
+        act = ACTIVATIONS[self.activation]
+        if self.gated:
+            gate_up = jnp.einsum("...d,dcf->...cf", x, self.w_gate_up[...])  # one matmul, not two
+            return (act(gate_up[..., 0, :]) * gate_up[..., 1, :]) @ self.w_down[...]
+        up = x @ self.w_up[...]
+        if self.b_up is not None:
+            up = up + self.b_up[...]
+        out = act(up) @ self.w_down[...]
+        return out if self.b_down is None else out + self.b_down[...]
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype, cfg.norm_offset)
+        self.attn_norm = make_norm(cfg, cfg.d_model, dtype)
         self.attn = Attention(cfg, dtype, rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype, cfg.norm_offset)
+        self.mlp_norm = None if cfg.parallel_block else make_norm(cfg, cfg.d_model, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
-        post = lambda: RMSNorm(cfg.d_model, cfg.rms_eps, dtype, cfg.norm_offset) if cfg.post_norms else None  # noqa: E731
+        post = lambda: make_norm(cfg, cfg.d_model, dtype) if cfg.post_norms else None  # noqa: E731
         self.attn_post_norm, self.mlp_post_norm = post(), post()
 
     def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None, window_on=None):
         """Returns the block's output [B, T, D], or [B, Tq, D] at query_index [B, Tq] only."""
-        attn_out, kv = self.attn(self.attn_norm(x), rope, valid, prefix, query_index, window_on)
+        normed = self.attn_norm(x)
+        attn_out, kv = self.attn(normed, rope, valid, prefix, query_index, window_on)
         if query_index is not None:
             x = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
+            normed = jnp.take_along_axis(normed, query_index[:, :, None], axis=1)
+        if self.mlp_norm is None:  # parallel: attention and MLP read the same normed input
+            return x + attn_out + self.mlp(normed), kv
         if self.attn_post_norm is not None:
             attn_out = self.attn_post_norm(attn_out)
         x = x + attn_out
@@ -457,7 +525,8 @@ class Llama(nnx.Module):
             return Block(cfg, dtype, rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype, cfg.norm_offset)
+        self.final_norm = make_norm(cfg, cfg.d_model, dtype)
+        self.lm_head_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), dtype)) if cfg.lm_head_bias else None
         self.lm_head = None if cfg.tie_embeddings else _normal(rngs, (cfg.d_model, cfg.vocab_size), dtype)
 
     def unembedding(self) -> jax.Array:
@@ -575,8 +644,11 @@ def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str 
     elif all_logits:
         logits = model.unembedding()
     if logits is not None:
-        logits = _capped(jnp.einsum("bd,dv->bv", normed, logits, preferred_element_type=jnp.float32),
-                         cfg.final_softcap)
+        logits = jnp.einsum("bd,dv->bv", normed, logits, preferred_element_type=jnp.float32)
+        if model.lm_head_bias is not None:
+            bias = model.lm_head_bias[...]
+            logits = logits + (bias if logit_ids is None else jnp.take(bias, logit_ids)).astype(jnp.float32)
+        logits = _capped(logits, cfg.final_softcap)
     return ForwardOutputs(resid, normed.astype(jnp.float32), logits)
 
 

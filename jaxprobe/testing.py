@@ -112,6 +112,7 @@ HF_VARIANTS = {
                                head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
                                layer_types=["sliding_attention", "full_attention", "sliding_attention",
                                             "full_attention"]),
+    "phi-partial-rotary": dict(family="phi", num_attention_heads=4, num_key_value_heads=4, layer_norm_eps=1e-5),
     "qwen2-gqa-bias": dict(family="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     "qwen3-gqa-qk-norm": dict(family="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                               tie_word_embeddings=True),
@@ -126,7 +127,7 @@ def make_hf_model(folder, *, seed=0, family="llama", **overrides):
     import transformers
 
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                    "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+                    "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "phi": "PhiConfig",
                     "gemma3_text": "Gemma3TextConfig"}[family]
     kwargs = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
                   max_position_embeddings=512, rms_norm_eps=1e-5)

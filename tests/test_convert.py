@@ -238,6 +238,7 @@ def test_a_bfloat16_checkpoint_stays_bfloat16_and_loads_exactly_as_float32(hf_fo
     ("qwen2", "use_sliding_window", True), ("qwen3", "attention_bias", True), ("llama", "sliding_window", 16),
     ("qwen2", "layer_types", ["sliding_attention", "full_attention"]), ("qwen3", "some_new_field", 1),
     ("mistral", "some_new_field", 1), ("gemma", "hidden_act", "gelu"), ("gemma", "use_bidirectional_attention", True),
+    ("phi", "qk_layernorm", True), ("phi", "hidden_act", "relu"), ("llama", "partial_rotary_factor", 0.5),
     ("gemma3_text", "final_logit_softcapping", 30.0), ("gemma3_text", "attn_logit_softcapping", 50.0),
     ("gemma3_text", "layer_types", ["sliding_attention", "chunked_attention"]),
     ("gemma3_text", "rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6},

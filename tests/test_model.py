@@ -207,7 +207,7 @@ def test_left_padding_masks_the_leading_keys():
     np.testing.assert_allclose(got[:, 13:], reference_attention(q, k, v, valid)[:, 13:], atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["gemma-gqa-head-dim", "gemma2-softcap", "gemma3-interleaved", "mistral-window-8", "qwen2-gqa-bias",
+@pytest.mark.parametrize("variant", ["gemma-gqa-head-dim", "gemma2-softcap", "gemma3-interleaved", "mistral-window-8", "phi-partial-rotary", "qwen2-gqa-bias",
                                      "qwen3-gqa-qk-norm"])
 def test_prefix_cache_and_label_logits_per_family(hf_variant_models, variant):
     """The families' extra parameters (q/k/v biases, q/k norms) enter the cached prefix's keys and
