@@ -91,12 +91,14 @@ def _cmd_info(args) -> int:
 def _add_model_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert HF safetensors / GGUF weights into a jaxprobe checkpoint",
-        description="Convert a LLaMA-architecture model into a jaxprobe checkpoint folder (Orbax "
-                    "parameters + config.json + tokenizer files). SRC is an HF folder (config.json "
-                    "and one or many .safetensors with an index), a llama .gguf file (any "
+        description="Convert a model into a jaxprobe checkpoint folder (Orbax parameters + "
+                    "config.json + tokenizer files). Families: llama, mistral, qwen2, qwen3, gemma, "
+                    "gemma2, gemma3_text, phi (docs/model.md). SRC is a Hub id ORG/NAME[@REVISION] "
+                    "(through the Hugging Face cache), an HF folder (config.json and one or many "
+                    ".safetensors with an index), a llama / qwen2 / qwen3 .gguf file (any "
                     f"quantisation the gguf package dequantises), or {DEFAULT_MODEL!r}, the "
                     "embedded SmolLM2-135M-Instruct.")
-    p.add_argument("src", help=f"HF folder, .gguf file, or {DEFAULT_MODEL}")
+    p.add_argument("src", help=f"Hub id, HF folder, .gguf file, or {DEFAULT_MODEL}")
     p.add_argument("--out", required=True, help="output folder (must not hold a checkpoint already)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="stored parameter dtype; auto keeps a bfloat16 checkpoint in bfloat16 and stores "
