@@ -368,17 +368,18 @@ def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, .
     layout, against the config. Fused parameters take several tensors: q/k/v fill slots of
     `wqkv`'s group axis, gate/up the two rows of `w_gate_up`."""
     shapes = param_shapes(cfg)
-    if name in _global_params(cfg):
-        path, layer = _global_params(cfg)[name], None
+    global_params, layer_params = _global_params(cfg), _layer_params(cfg)
+    if name in global_params:
+        path, layer = global_params[name], None
         if path == ("lm_head",) and cfg.tie_embeddings:
             return path, None, w  # some tied checkpoints also store the (identical) head; skipped
         want = shapes[path]
     else:
         m = _HF_LAYER.fullmatch(name)
-        if not m or _layer_params(cfg).get(m.group(2)) not in shapes:
+        if not m or layer_params.get(m.group(2)) not in shapes:
             raise UserError(f"unknown tensor {name!r} (shape {tuple(w.shape)}): not part of this model's "
                             "family (see convert.FAMILY_SWITCHES)")
-        layer, part, path = int(m.group(1)), m.group(2), _layer_params(cfg)[m.group(2)]
+        layer, part, path = int(m.group(1)), m.group(2), layer_params[m.group(2)]
         if not 0 <= layer < cfg.n_layers:
             raise UserError(f"tensor {name!r} names layer {layer} but the config has {cfg.n_layers} layers")
         want = shapes[path][1:]

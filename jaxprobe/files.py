@@ -308,8 +308,13 @@ class ShardedArrayWriter:
         """Indices of the shards still to compute, as the writing process sees them (the others
         compute the same ones); the finished ones are checked on the way."""
         def todo() -> list[int]:
-            return [index for index in range(len(self.slices))
-                    if not self.shard_path(index).is_file() or self._checked(index) is None]
+            missing = []
+            for index in range(len(self.slices)):
+                if self.shard_path(index).is_file():
+                    self._checked(index)  # refuses a damaged shard in one line
+                else:
+                    missing.append(index)
+            return missing
 
         return processes.decided(todo)
 
