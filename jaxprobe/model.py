@@ -321,9 +321,32 @@ QUERY_BLOCK = 32
 MAX_QUERY_BLOCKS = 32
 
 
+# Fused attention kernels (jax.nn.dot_product_attention) by name; the blocked one below is None.
+FUSED_ATTENTION = ("xla", "cudnn")
+
+
+def fused_attention_applies(prefix, query_index, window_on, softcap) -> bool:
+    """Whether a fused kernel can run this attention: a whole padded batch from position 0, one
+    window for every layer, no score soft-capping (none of the kernels has Gemma 2's tanh cap)."""
+    return prefix is None and query_index is None and window_on is None and softcap is None
+
+
+def fused_causal_attention(q, k, v, valid, window: int | None, implementation: str):
+    """causal_attention through jax.nn.dot_product_attention (cuDNN's flash attention on GPU).
+
+    Rows must be right-padded (each row's real tokens first, as the runner pads), since the
+    kernels take each row's length, not a mask; a filler row with no real token gets length 1
+    (its output is never read)."""
+    lengths = jnp.maximum(valid.sum(axis=1, dtype=jnp.int32), 1)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=1.0, is_causal=True, key_value_seq_lengths=lengths,
+        query_seq_lengths=lengths if implementation == "cudnn" else None,
+        local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
+
+
 def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index=None,
                      window: int | None = None, window_on: jax.Array | None = None,
-                     softcap: float | None = None):
+                     softcap: float | None = None, fused: str | None = None):
     """Grouped-query causal attention, over the last `window` keys of each query if given.
 
     q: [B, Tq, H, hd], already scaled by 1/sqrt(hd); k, v: [B, T, G, hd] (H a multiple of G);
@@ -338,7 +361,12 @@ def causal_attention(q, k, v, valid, prefix: PrefixKV | None = None, query_index
     block of query positions is a contiguous row range): XLA's CPU backend runs these 4-d batched
     matmuls several times faster than 5-d GQA einsums. Softmax normalisation is applied to the
     [rows, hd] output instead of the [rows, keys] probabilities.
+
+    fused: "cudnn" or "xla" runs fused_causal_attention instead where it applies (see
+    fused_attention_applies; rows must then be right-padded).
     """
+    if fused is not None and fused_attention_applies(prefix, query_index, window_on, softcap):
+        return fused_causal_attention(q, k, v, valid, window, fused)
     b, tq, h, hd = q.shape
     t, g = k.shape[1], k.shape[2]
     r = h // g
@@ -432,7 +460,7 @@ class Attention(nnx.Module):
         return out
 
     def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None,
-                 window_on=None):
+                 window_on=None, fused: str | None = None):
         """x: [B, T, D]; rope: tables at the batch's positions; valid: [B, T] (False on padding).
 
         Returns the attention output [B, T, D] (or [B, Tq, D] at query_index [B, Tq] only) and this
@@ -456,7 +484,7 @@ class Attention(nnx.Module):
             x_query = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
             q = self._project(x_query, slice(None, r)).reshape(b, -1, g * r, hd)
             q = self._rotate(rope.take(query_index), q) * scale
-        out = causal_attention(q, k, v, valid, prefix, query_index, self.window, window_on, self.softcap)
+        out = causal_attention(q, k, v, valid, prefix, query_index, self.window, window_on, self.softcap, fused)
         out = jnp.einsum("bthk,hkd->btd", out, self.wo[...])
         return (out if self.bo is None else out + self.bo[...]), (k, v)
 
@@ -496,10 +524,11 @@ class Block(nnx.Module):
         post = lambda: make_norm(cfg, cfg.d_model, dtype) if cfg.post_norms else None  # noqa: E731
         self.attn_post_norm, self.mlp_post_norm = post(), post()
 
-    def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None, window_on=None):
+    def __call__(self, x, rope: Rope, valid, prefix: PrefixKV | None = None, query_index=None, window_on=None,
+                 fused: str | None = None):
         """Returns the block's output [B, T, D], or [B, Tq, D] at query_index [B, Tq] only."""
         normed = self.attn_norm(x)
-        attn_out, kv = self.attn(normed, rope, valid, prefix, query_index, window_on)
+        attn_out, kv = self.attn(normed, rope, valid, prefix, query_index, window_on, fused)
         if query_index is not None:
             x = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
             normed = jnp.take_along_axis(normed, query_index[:, :, None], axis=1)
@@ -589,7 +618,7 @@ def _layer_options(cfg: LlamaConfig, positions: jax.Array):
 
 def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str = "last",
             residual: bool = True, logit_ids: jax.Array | None = None, all_logits: bool = False,
-            prefix: PrefixCache | None = None) -> ForwardOutputs:
+            prefix: PrefixCache | None = None, fused_attention: str | None = None) -> ForwardOutputs:
     """Run the model over a padded batch and read the residual stream at one position per example.
 
     tokens, positions: int32 [B, T]; valid: bool [B, T] (False on padding; left or right padding
@@ -597,6 +626,8 @@ def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str 
     example's last real token. `pooling` is "last" or "mean" (over real tokens, prefix included).
     Logits are computed at read_index only: for `logit_ids` [K] if given, all vocab if
     `all_logits`. With `prefix`, the batch continues a shared prefix (positions start after it).
+    fused_attention: None (the blocked attention), or "cudnn" / "xla" for jax.nn.dot_product_attention
+    where it applies (see causal_attention); then rows must be right-padded.
     """
     cfg = model.config
     layer_options = _layer_options(cfg, positions)
@@ -621,7 +652,8 @@ def forward(model: Llama, tokens, positions, valid, read_index, *, pooling: str 
 
     def body(h, layer_index):
         rope, window_on = layer_options(layer_index)
-        h, _ = layer_block(layer_index)(h, rope, valid, layer_prefix(layer_index), window_on=window_on)
+        h, _ = layer_block(layer_index)(h, rope, valid, layer_prefix(layer_index), window_on=window_on,
+                                        fused=fused_attention)
         return h, read(h, layer_index + 1)
 
     x, block_reads = jax.lax.scan(body, x, jnp.arange(n_scanned))

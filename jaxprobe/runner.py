@@ -74,6 +74,14 @@ def _bit_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
 
 
+def default_fused_attention(backend: str, dtype) -> str | None:
+    """The attention kernel a model runs with: cuDNN's (jax.nn.dot_product_attention) for bf16/fp16
+    on a GPU, where it exists and is faster (docs/performance.md); the blocked one (None) on CPUs,
+    in fp32 (cuDNN has no fp32 kernel) and elsewhere."""
+    half = np.dtype(dtype) in (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+    return "cudnn" if backend == "gpu" and half else None
+
+
 class LanguageModel:
     """A loaded model with its tokenizer, placed on a device mesh. See the module docstring."""
 
@@ -87,6 +95,8 @@ class LanguageModel:
         self.dtype = jax.tree.leaves(self.state)[0].dtype
         self._fingerprint: str | None = None
         self._programs: dict = {}
+        # cuDNN's flash attention where it runs (half precision on a GPU), else the blocked one
+        self.fused_attention: str | None = default_fused_attention(jax.default_backend(), self.dtype)
 
     # ---------------------------------------------------------------- identity
 
@@ -155,15 +165,16 @@ class LanguageModel:
 
     def _program(self, *, pooling: str, residual: bool, all_logits: bool, has_ids: bool, has_prefix: bool,
                  library: str | None = None):
-        key = (pooling, residual, all_logits, has_ids, has_prefix, library)
+        key = (pooling, residual, all_logits, has_ids, has_prefix, library, self.fused_attention)
         if key in self._programs:
             return self._programs[key]
-        graphdef = self.graphdef
+        graphdef, fused = self.graphdef, self.fused_attention
 
         def run(state, tokens, positions, valid, read_index, logit_ids, prefix):
             model = nnx.merge(graphdef, state)
             return forward(model, tokens, positions, valid, read_index, pooling=pooling,
-                           residual=residual, logit_ids=logit_ids, all_logits=all_logits, prefix=prefix)
+                           residual=residual, logit_ids=logit_ids, all_logits=all_logits, prefix=prefix,
+                           fused_attention=fused)
 
         row2, row1 = self._batch_sharding(2), self._batch_sharding(1)
         replicated = NamedSharding(self.mesh, P())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import jaxprobe
-from jaxprobe.model import QUERY_BLOCK, PrefixKV, causal_attention
+from jaxprobe.model import QUERY_BLOCK, PrefixKV, causal_attention, fused_causal_attention
 from jaxprobe.testing import HF_VARIANTS
 
 TEXTS = [
@@ -187,6 +187,33 @@ def test_blocked_causal_attention_matches_full_softmax(with_prefix):
     want = reference_attention(q, k, v, valid, prefix)
     for i, n in enumerate(lengths):  # rows past a sequence's end are padding queries: unused
         np.testing.assert_allclose(got[i, :n], want[i, :n], atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_fused_attention_matches_the_blocked_one(window):
+    """jax.nn.dot_product_attention (its XLA kernel here; cuDNN's on a GPU takes the same
+    arguments) on right-padded rows, with and without a sliding window."""
+    q, k, v, valid, lengths = random_inputs()
+    blocked = np.asarray(causal_attention(q, k, v, valid, window=window))
+    fused = np.asarray(jax.jit(fused_causal_attention, static_argnums=(4, 5))(q, k, v, valid, window, "xla"))
+    for i, n in enumerate(lengths):
+        np.testing.assert_allclose(fused[i, :n], blocked[i, :n], atol=1e-5)
+    if window is None:
+        np.testing.assert_allclose(fused[0], reference_attention(q, k, v, valid)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gqa-tied", "mistral-window-8", "gemma3-interleaved"])
+def test_models_with_fused_attention_match_hf(hf_variant_models, variant):
+    """The runner's path with a fused kernel (GPU default in bf16): where it does not apply
+    (Gemma 3's per-layer windows, the last block's read position) the blocked one runs."""
+    model, _, ckpt = hf_variant_models[variant]
+    lm = jaxprobe.load_model(ckpt)
+    lm.fused_attention = "xla"
+    res = lm.run(TEXTS, activations=True, all_logits=True, batch_size=4)
+    for i, ids in enumerate(lm.tokenize(TEXTS)):
+        hs, _, logits = hf_reference(model, ids)
+        np.testing.assert_allclose(res["activations"][i], hs[:, -1], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(res["logits"][i], logits[-1], atol=1e-4, rtol=0)
 
 
 def test_attention_at_query_positions_equals_those_rows_of_the_full_attention():
