@@ -74,12 +74,14 @@ def _bit_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
 
 
-def default_fused_attention(backend: str, dtype) -> str | None:
-    """The attention kernel a model runs with: cuDNN's (jax.nn.dot_product_attention) for bf16/fp16
-    on a GPU, where it exists and is faster (docs/performance.md); the blocked one (None) on CPUs,
-    in fp32 (cuDNN has no fp32 kernel) and elsewhere."""
+def default_fused_attention(backend: str, dtype, compute_capability: str | None = None) -> str | None:
+    """The attention kernel a model runs with: cuDNN's flash attention (jax.nn.dot_product_attention)
+    for bf16/fp16 on an NVIDIA GPU of compute capability 8.0 or later (what cuDNN's kernel needs),
+    where it is twice HF's speed and the blocked one far slower (docs/performance.md); the blocked
+    one (None) on CPUs, in fp32 (cuDNN has no fp32 kernel) and on older GPUs."""
     half = np.dtype(dtype) in (np.dtype(jnp.bfloat16), np.dtype(np.float16))
-    return "cudnn" if backend == "gpu" and half else None
+    recent = compute_capability is None or float(compute_capability) >= 8.0
+    return "cudnn" if backend == "gpu" and half and recent else None
 
 
 class LanguageModel:
@@ -96,7 +98,8 @@ class LanguageModel:
         self._fingerprint: str | None = None
         self._programs: dict = {}
         # cuDNN's flash attention where it runs (half precision on a GPU), else the blocked one
-        self.fused_attention: str | None = default_fused_attention(jax.default_backend(), self.dtype)
+        self.fused_attention: str | None = default_fused_attention(
+            jax.default_backend(), self.dtype, getattr(jax.devices()[0], "compute_capability", None))
 
     # ---------------------------------------------------------------- identity
 

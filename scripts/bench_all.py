@@ -154,6 +154,16 @@ def section(bench: Benchmark, cmd: list[str], status: int, output: str) -> str:
             f"```text\n{output}\n```\n")
 
 
+GPU_HEADER = "\n## On a lent GPU"
+
+
+def kept_gpu_sections(path: Path) -> str:
+    """The GPU figures (scripts/bench_gpu.py, run when a session is lent one) cannot be measured
+    again on the CPU machine that regenerates this file: they are carried over as they are."""
+    text = path.read_text() if path.exists() else ""
+    return text[text.index(GPU_HEADER):] if GPU_HEADER in text else ""
+
+
 def main() -> int:
     names = [b.name for b in BENCHMARKS]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,7 +190,7 @@ def main() -> int:
         if status != 0:
             failed.append(bench.name)
         sections.append(section(bench, cmd, status, output))
-    Path(args.out).write_text(INTRO + "\n" + header + "\n" + "\n".join(sections))
+    Path(args.out).write_text(INTRO + "\n" + header + "\n" + "\n".join(sections) + kept_gpu_sections(Path(args.out)))
     print(f"\nwrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

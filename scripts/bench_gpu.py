@@ -38,8 +38,11 @@ PARITY_VARIANTS = ["gqa-tied", "mistral-window-8", "gemma2-softcap", "gemma3-int
                    "qwen3-gqa-qk-norm"]
 
 
+START = time.perf_counter()
+
+
 def log(*a):
-    print(*a, flush=True)
+    print(f"[{time.perf_counter() - START:6.1f} s]", *a, flush=True)
 
 
 def random_texts(n: int, rng, lo: int, hi: int) -> list[str]:
@@ -114,7 +117,7 @@ def speed(root: Path, name: str, fields: dict, n_texts: int, batch_size: int, re
     from jaxprobe.sharding import weight_bytes_per_device
     from jaxprobe.testing import tiny_tokenizer
 
-    folder = root / name
+    folder = root / name.split()[0]
     config = transformers.LlamaConfig(max_position_embeddings=4096, **fields)
     torch.manual_seed(0)
     t = time.perf_counter()
@@ -123,9 +126,11 @@ def speed(root: Path, name: str, fields: dict, n_texts: int, batch_size: int, re
     model.save_pretrained(folder / "hf")
     tiny_tokenizer(2000).save_pretrained(folder / "hf")
     save_s = time.perf_counter() - t
+    log(f"{name}: HF model made and saved in {save_s:.1f} s")
     t = time.perf_counter()
     convert(folder / "hf", folder / "ckpt", progress=False)
     convert_s = time.perf_counter() - t
+    log(f"{name}: converted in {convert_s:.1f} s")
     jax.clear_caches()
     stats0 = jax.devices()[0].memory_stats() or {}
     lm = jaxprobe.load_model(folder / "ckpt", dtype="bfloat16")
@@ -148,10 +153,11 @@ def speed(root: Path, name: str, fields: dict, n_texts: int, batch_size: int, re
         hf = hf_last_token_states(model, batches, "cuda")
         torch.cuda.synchronize(); hf_times.append(time.perf_counter() - t)
     row["hf_cold_s"], row["hf_warm_s"] = hf_times[0], statistics.median(hf_times[1:])
+    log(f"{name}: HF {hf_times}")
     del model
     torch.cuda.empty_cache()
 
-    for kernel in ("cudnn", None, "xla"):
+    for kernel in ("cudnn", None):
         key = kernel or "blocked"
         lm.fused_attention = kernel
         times = []
@@ -165,6 +171,7 @@ def speed(root: Path, name: str, fields: dict, n_texts: int, batch_size: int, re
             log(f"{name} {key}: {row[f'{key}_error']}")
             continue
         row[f"{key}_cold_s"], row[f"{key}_warm_s"] = times[0], statistics.median(times[1:])
+        log(f"{name}: jaxprobe {key} {times}")
         row[f"{key}_vs_hf_warm"] = row["hf_warm_s"] / row[f"{key}_warm_s"]
         row[f"{key}_rel_diff_vs_hf"] = float(np.linalg.norm(acts - hf) / np.linalg.norm(hf))
 
@@ -186,6 +193,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="only the first speed model, fewer texts")
     ap.add_argument("--json", default=None, help="write every row here")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--layers", type=int, default=None, help="override the speed models' layer count")
+    ap.add_argument("--texts", type=int, default=None, help="texts per speed run (default 256; 64 with --quick)")
     args = ap.parse_args(argv)
 
     import jax
@@ -194,10 +204,13 @@ def main(argv=None) -> int:
     results = {"devices": [str(d) for d in jax.devices()]}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        results["parity"] = parity(root)
+        results["parity"] = [] if args.skip_parity else parity(root)
         models = list(SPEED_MODELS.items())[:1 if args.quick else None]
-        results["speed"] = [speed(root, name, fields, 64 if args.quick else 256, 32, args.reps)
-                            for name, fields in models]
+        if args.layers:
+            models = [(f"{name} ({args.layers} layers)", {**fields, "num_hidden_layers": args.layers})
+                      for name, fields in models]
+        n_texts = args.texts or (64 if args.quick else 256)
+        results["speed"] = [speed(root, name, fields, n_texts, 32, args.reps) for name, fields in models]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     log("\nparity (fp32 on GPU vs HF fp32 on CPU; bf16 rel. error vs that fp32 run):")
