@@ -4,6 +4,7 @@ into their sharded layout (abstract targets carry `NamedSharding`s)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -24,22 +25,45 @@ def _nest(flat: dict[tuple[str, ...], object]) -> dict:
     return out
 
 
-def save_checkpoint(out: Path, cfg: LlamaConfig, params: dict[tuple[str, ...], np.ndarray],
+def save_checkpoint(out: Path, cfg: LlamaConfig,
+                    params: Mapping[tuple[str, ...], np.ndarray] | Iterable[tuple[tuple[str, ...], np.ndarray]],
                     source: dict) -> None:
-    """Write a checkpoint folder; `params` is consumed (its arrays move to the checkpoint)."""
-    import orbax.checkpoint as ocp
+    """Write a checkpoint folder, one parameter at a time: `params` (a dict, or pairs made one by
+    one by a generator) is consumed, so host memory holds about one parameter, never the model.
+
+    Each parameter goes into Orbax's partial save of params/ (finalized at the end), handed over
+    without Orbax's defensive copy; config.json, written last, marks the folder whole."""
+    from orbax.checkpoint.experimental import v1 as ocp
+    from orbax.checkpoint.experimental.v1 import partial
 
     out = Path(out).absolute()
-    # Orbax copies numpy leaves before writing, but not jax arrays: moving each array in turn
-    # (and dropping the numpy one, which the caller hands over) keeps one copy of the model.
-    cpu = jax.local_devices(backend="cpu")[0]
-    for path in list(params):
-        params[path] = jax.device_put(params.pop(path), cpu)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out / "params", _nest(params))
-        ckptr.wait_until_finished()
+    if isinstance(params, Mapping):
+        params = _popped(dict(params) if not isinstance(params, dict) else params)
+    context = ocp.Context()
+    context.memory.deepcopy_host_arrays = False  # each array is ours and is dropped once written
+    # only this process writes (process 0 converts while the others wait): no barrier with them
+    context.multiprocessing.primary_host = jax.process_index()
+    context.multiprocessing.active_processes = {jax.process_index()}
+    with context:
+        for path, array in params:
+            partial.save(out / "params", _nest({path: np.ascontiguousarray(array)}))
+            del array
+        partial.finalize(out / "params")
     save_json(out / "source.json", source)
     save_json(out / "config.json", cfg.to_dict())  # written last: its presence marks a whole checkpoint
+
+
+def _popped(params: dict) -> Iterator:
+    while params:
+        path = next(iter(params))
+        yield path, params.pop(path)
+
+
+def params_tree(path: Path) -> Path:
+    """Where a checkpoint's parameter tree is: params/state (written one parameter at a time) or
+    params itself (checkpoints written whole, before)."""
+    staged = Path(path).absolute() / "params" / "state"
+    return staged if staged.is_dir() else Path(path).absolute() / "params"
 
 
 def is_checkpoint(path) -> bool:
@@ -71,4 +95,4 @@ def load_params(path, cfg: LlamaConfig, mesh, rules, dtype) -> dict:
     abstract = {p: jax.ShapeDtypeStruct(s, dtype, sharding=rules.sharding(PARAM_AXES[p], s, mesh))
                 for p, s in shapes.items()}
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(Path(path).absolute() / "params", _nest(abstract))
+        return ckptr.restore(params_tree(path), _nest(abstract))

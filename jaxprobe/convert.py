@@ -317,6 +317,14 @@ def _layer_params(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
     return {**_HF_LAYER_PARAMS, **_POST_NORM_LAYER_PARAMS} if cfg.post_norms else _HF_LAYER_PARAMS
 
 
+def _target(cfg: LlamaConfig, name: str) -> tuple[str, ...] | None:
+    """The parameter an HF tensor name fills (None: not one of this family's names)."""
+    if name in _global_params(cfg):
+        return _global_params(cfg)[name]
+    m = _HF_LAYER.fullmatch(name)
+    return _layer_params(cfg).get(m.group(2)) if m else None
+
+
 def hf_tensor_names(cfg: LlamaConfig) -> list[str]:
     """Every HF tensor name a checkpoint of this config must hold."""
     shapes = param_shapes(cfg)
@@ -635,22 +643,31 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "auto",
         tensors = _iter_gguf(reader, cfg)
         save_tokenizer = lambda d: gguf_tokenizer(reader).save_pretrained(d)  # noqa: E731
 
+    # Tensors by name: safetensors memory-mapped (no byte read yet), GGUF's dequantized. Every
+    # name is checked before anything is written; then each parameter is filled, written and
+    # dropped in turn, so host memory holds one stacked parameter, not the model.
+    sources = dict(tensors)
     shapes = param_shapes(cfg)
-    params = {p: np.zeros(s, np_dtype) for p, s in shapes.items()}
-    expected = hf_tensor_names(cfg)
-    seen: set[str] = set()
-    for name, w in tqdm(tensors, total=len(expected), desc="converting", unit="tensor", disable=not progress):
-        p, index, w = hf_to_ours(cfg, name, w)
-        if p == ("lm_head",) and cfg.tie_embeddings:
-            continue
-        if index is None:
-            params[p][...] = w
-        else:
-            params[p][index] = w
-        seen.add(name)
-    missing = [name for name in expected if name not in seen]
+    targets = {name: _target(cfg, name) for name in sources}
+    for name, target in targets.items():
+        layer = _HF_LAYER.fullmatch(name)
+        if target not in shapes or (layer and not 0 <= int(layer.group(1)) < cfg.n_layers):
+            hf_to_ours(cfg, name, sources[name])  # raises the error naming it (or skips a tied head)
+    missing = [name for name in hf_tensor_names(cfg) if name not in sources]
     if missing:
         raise UserError(f"missing tensor {missing[0]} in {path}")
+    feeding = {p: [name for name, target in targets.items() if target == p] for p in shapes}
+    bar = tqdm(total=sum(map(len, feeding.values())), desc="converting", unit="tensor", disable=not progress)
+
+    def filled() -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+        for p, shape in shapes.items():
+            param = np.zeros(shape, np_dtype)
+            for name in feeding[p]:
+                _, index, w = hf_to_ours(cfg, name, sources.pop(name))  # the mapping's pages go with it
+                param[... if index is None else index] = w
+                bar.update()
+            yield p, param
+            del param
 
     created = not out.exists()
     claim_empty_folder(out, allowed=_CONVERSION_ENTRIES, what="a conversion")  # one conversion at a time
@@ -658,19 +675,22 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "auto",
     try:
         save_tokenizer(out / "tokenizer")
         _check_tokenizer(out / "tokenizer", cfg)
-        checkpoint.save_checkpoint(out, cfg, params, source={"kind": kind, "path": str(path), "dtype": dtype})
+        checkpoint.save_checkpoint(out, cfg, filled(), source={"kind": kind, "path": str(path), "dtype": dtype})
     except UserError:
         _remove_conversion_files(out)
         release_folder(out)
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        bar.close()
     release_folder(out)
     return out
 
 
-# What a conversion writes into --out; config.json, written last, marks it whole.
-_CONVERSION_ENTRIES = ("params", "tokenizer", "source.json")
+# What a conversion writes into --out (params staged beside params/ until finalized); config.json,
+# written last, marks it whole.
+_CONVERSION_ENTRIES = ("params", "params.partial_save", "tokenizer", "source.json")
 
 
 def _check_output(out: Path) -> None:

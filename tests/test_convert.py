@@ -181,10 +181,12 @@ def test_a_conversion_killed_anywhere_is_redone_whole(hf_folder, tmp_path, monke
 
     convert(hf_folder, tmp_path / "reference", progress=False)
     cfg, source, tokenizer, params = load(tmp_path / "reference")
-    import orbax.checkpoint as ocp
     import shutil as shutil_module
 
-    points = {"tokenizer": (shutil_module, "copy2", (1, 2)), "params": (ocp.StandardCheckpointer, "save", (1,)),
+    from orbax.checkpoint.experimental.v1 import partial
+
+    points = {"tokenizer": (shutil_module, "copy2", (1, 2)), "params": (partial, "save", (1, 4)),  # one param at a time
+              "finalize": (partial, "finalize", (1,)),
               "json": (files, "_atomic_write", (1, 2))}  # json: source.json, then config.json
     for name, (owner, attribute, nths) in points.items():
         for nth in nths:
@@ -219,6 +221,7 @@ def test_a_bfloat16_checkpoint_stays_bfloat16_and_loads_exactly_as_float32(hf_fo
     import torch
     from transformers import LlamaForCausalLM
 
+    from jaxprobe import checkpoint
     from jaxprobe.checkpoint import load_source
     from jaxprobe.runner import load_model
 
@@ -227,7 +230,7 @@ def test_a_bfloat16_checkpoint_stays_bfloat16_and_loads_exactly_as_float32(hf_fo
     convert(hf_folder, tmp_path / "f32", dtype="float32", progress=False)
     assert load_source(tmp_path / "auto")["dtype"] == "bfloat16"
     with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata((tmp_path / "auto" / "params").absolute()).item_metadata
+        stored = ckptr.metadata(checkpoint.params_tree(tmp_path / "auto")).item_metadata
     assert {str(leaf.dtype) for leaf in jax.tree.leaves(stored)} == {"bfloat16"}
     auto, f32 = load_model(tmp_path / "auto"), load_model(tmp_path / "f32")
     np.testing.assert_array_equal(auto.activations(["a charming film"]), f32.activations(["a charming film"]))
@@ -288,3 +291,26 @@ def test_a_hub_id_resolves_through_the_hugging_face_cache(tmp_path, monkeypatch,
                                   load_model(tmp_path / "from-folder").activations(texts))
     assert main(["convert", "tiny-org/not-cached", "--out", str(tmp_path / "x")]) == 2
     assert "tiny-org/not-cached is no local path, and is not in the Hugging Face cache" in capsys.readouterr().err
+
+
+def test_conversion_holds_one_stacked_parameter_in_memory_not_the_model(tmp_path):
+    """Each parameter is filled from its tensors, written and dropped before the next: numpy's
+    peak (tracemalloc sees every array) stays near the largest stacked parameter, well under the
+    model (the MLP's stack is half of this one)."""
+    import math
+    import tracemalloc
+
+    from jaxprobe import checkpoint
+    from jaxprobe.model import param_shapes
+
+    make_hf_model(tmp_path / "hf", hidden_size=256, intermediate_size=2048, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=False)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        convert(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    sizes = [math.prod(s) * 4 for s in param_shapes(checkpoint.load_config(tmp_path / "ckpt")).values()]
+    assert peak < 1.3 * max(sizes) + (4 << 20) < 0.8 * sum(sizes), (peak, max(sizes), sum(sizes))

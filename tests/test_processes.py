@@ -134,6 +134,25 @@ def test_a_half_written_store_resumes_in_two_processes(setup):
     assert (half / "activations.npy").read_bytes() == (whole / "activations.npy").read_bytes()
 
 
+def test_a_model_converted_on_first_use_is_converted_by_process_0_alone(setup, monkeypatch):
+    """An HF folder as --model: process 0 converts it into $JAXPROBE_HOME while process 1 waits,
+    then both load it (Orbax writes with process 0 alone active, so no barrier waits for 1)."""
+    from jaxprobe.testing import make_hf_model
+
+    root = setup["root"]
+    make_hf_model(root / "hf-model", num_attention_heads=4, num_key_value_heads=2)
+    home = root / "home"
+    monkeypatch.setenv("JAXPROBE_HOME", str(home))
+    argv = _extract(setup, root / "from-hf")
+    argv[argv.index("--model") + 1] = str(root / "hf-model")
+    (code0, err0), (code1, err1) = run_two(argv, watch=home / "checkpoints")
+    assert code0 == 0 and code1 == 0, (err0[-1500:], err1[-1500:])
+    assert not _wrote(err1), _wrote(err1)
+    converted = [p for p in (home / "checkpoints").iterdir() if p.name.startswith("hf-model-")]
+    assert len(converted) == 1 and (converted[0] / "config.json").is_file()
+    assert (root / "from-hf" / "activations.npy").is_file()
+
+
 def test_evaluate_in_two_processes_equals_one_process(setup):
     root = setup["root"]
     argv = ["evaluate", "--model", setup["model"], "--dataset", setup["data"], "--label-words", "a,positive",
