@@ -41,9 +41,6 @@ def save_checkpoint(out: Path, cfg: LlamaConfig,
         params = _popped(dict(params) if not isinstance(params, dict) else params)
     context = ocp.Context()
     context.memory.deepcopy_host_arrays = False  # each array is ours and is dropped once written
-    # only this process writes (process 0 converts while the others wait): no barrier with them
-    context.multiprocessing.primary_host = jax.process_index()
-    context.multiprocessing.active_processes = {jax.process_index()}
     with context:
         for path, array in params:
             partial.save(out / "params", _nest({path: np.ascontiguousarray(array)}))

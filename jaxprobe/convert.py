@@ -624,6 +624,10 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "auto",
 
     from jaxprobe import checkpoint
 
+    from jaxprobe import processes
+
+    if processes.count() > 1:
+        return _convert_in_one_process(src, out, dtype, progress)
     kind, path = resolve_source(src)
     out = Path(out)
     if dtype == "auto":
@@ -686,6 +690,43 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "auto",
         bar.close()
     release_folder(out)
     return out
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from jaxprobe.convert import convert
+from jaxprobe.errors import UserError
+try:
+    convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], progress=sys.argv[4] == "1")
+except UserError as e:
+    Path(sys.argv[5]).write_text(str(e))
+    sys.exit(2)
+"""
+
+
+def _convert_in_one_process(src, out, dtype: str, progress: bool) -> Path:
+    """convert() for the one process of a multi-process run that converts (process 0): Orbax's
+    writer would wait at barriers for processes that are not writing, so the conversion runs in a
+    child of its own, a one-process JAX on the CPU (it needs no accelerator). Its refusal is
+    raised here as the same one line."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    runtime = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAXPROBE_DISTRIBUTED")
+    env = {k: v for k, v in os.environ.items() if k not in runtime}
+    env["JAX_PLATFORMS"] = "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        refusal = Path(tmp) / "refusal"
+        child = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), dtype, "1" if progress else "0",
+                                str(refusal)], env=env)
+        if child.returncode == 2 and refusal.is_file():
+            raise UserError(refusal.read_text())
+    if child.returncode:
+        raise RuntimeError(f"converting {src} in a child process failed (exit status {child.returncode})")
+    return Path(out)
 
 
 # What a conversion writes into --out (params staged beside params/ until finalized); config.json,

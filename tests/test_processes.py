@@ -136,7 +136,7 @@ def test_a_half_written_store_resumes_in_two_processes(setup):
 
 def test_a_model_converted_on_first_use_is_converted_by_process_0_alone(setup, monkeypatch):
     """An HF folder as --model: process 0 converts it into $JAXPROBE_HOME while process 1 waits,
-    then both load it (Orbax writes with process 0 alone active, so no barrier waits for 1)."""
+    then both load it (process 0 converts in a one-process child: Orbax would wait for 1)."""
     from jaxprobe.testing import make_hf_model
 
     root = setup["root"]
