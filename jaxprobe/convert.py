@@ -93,6 +93,8 @@ def gemma3_gguf_path() -> Path:
     sums = dict(reversed(line.split()) for line in (data / "data" / "SHA256SUMS").read_text().splitlines()
                 if len(line.split()) == 2)
     want = sums.get(_GEMMA3_GGUF)
+    if want is None:
+        raise UserError(f"{data / 'data' / 'SHA256SUMS'} has no line for {_GEMMA3_GGUF}; reinstall: `{_GEMMA3_INSTALL}`")
     out = jaxprobe_home() / "sources" / _GEMMA3_GGUF
 
     def sha256(paths) -> str:

