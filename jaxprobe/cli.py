@@ -147,10 +147,10 @@ def _add_demo_command(subparsers) -> None:
 
 # ---------------------------------------------------------------- extract, probe, probe-experiment
 
-def _label_names(text: str) -> tuple[str, str]:
+def _label_names(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(","))
-    if len(names) != 2 or not all(names):
-        raise argparse.ArgumentTypeError("give two names, for labels 0 and 1, e.g. negative,positive")
+    if len(names) < 2 or not all(names):
+        raise argparse.ArgumentTypeError("give one name per label 0, 1, ..., e.g. negative,positive")
     return names
 
 
@@ -216,7 +216,8 @@ def _add_data_arguments(g, d) -> None:
                         "name (default: %(default)s)")
     g.add_argument("--text-column", default=d.text_column, help="(default: %(default)s)")
     g.add_argument("--label-column", default=d.label_column,
-                   help="labels must be 0/1 (default: %(default)s)")
+                   help="labels must be class ids 0..K-1, K = the number of --label-names "
+                        "(default: %(default)s)")
     g.add_argument("--seed", type=_seed, default=d.seed,
                    help="sample = shuffle(seed).select(range(n)), as the reference (default: %(default)s)")
     g.add_argument("--demonstrations-from", default=d.demonstrations_from, metavar="START:STOP",
@@ -289,8 +290,9 @@ def _add_extract_command(subparsers) -> None:
                    help=f"{', '.join(prompts.TEMPLATES)} or a format string (default: %(default)s)")
     g.add_argument("--demonstrations-split", default=d.demonstrations_split,
                    help="split the demonstrations come from (default: %(default)s)")
-    g.add_argument("--label-names", type=_label_names, default=d.label_names, metavar="NAME0,NAME1",
-                   help="label words in demonstrations (default: negative,positive)")
+    g.add_argument("--label-names", type=_label_names, default=d.label_names, metavar="NAME0,NAME1,...",
+                   help="one name per class id, used in demonstrations; their number is K "
+                        "(default: negative,positive)")
     r = p.add_argument_group("model and run")
     _add_run_arguments(r, d)
     r.add_argument("--max-length", type=int, default=d.max_length,

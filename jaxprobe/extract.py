@@ -40,7 +40,7 @@ class ExtractConfig:
     template: str = "raw"
     demonstrations_from: str = "0:5"
     demonstrations_split: str = "train"
-    label_names: tuple[str, str] = prompts.LABEL_NAMES
+    label_names: tuple[str, ...] = prompts.LABEL_NAMES  # one per class id; K = how many
     positions: str = "last"
     batch_size: int = 8
     shard_size: int = 32
@@ -76,7 +76,7 @@ def prepare_prompts(cfg: ExtractConfig) -> PreparedPrompts:
                          label_column=cfg.label_column)
     sample, rows = data.reference_sample_rows(ds, cfg.n, cfg.seed)
     texts, labels = sample["text"], sample["label"]
-    data.check_binary_examples(texts, labels, rows, _where(cfg.dataset, cfg.split))
+    data.check_examples(texts, labels, rows, _where(cfg.dataset, cfg.split), len(cfg.label_names))
     block, demo_rows, leaked = None, [], []
     if template.uses_demonstrations:
         shots = prompts.parse_row_slice(cfg.demonstrations_from)
@@ -89,8 +89,8 @@ def prepare_prompts(cfg: ExtractConfig) -> PreparedPrompts:
         demo_sample, all_demo_rows = data.reference_sample_rows(demo_ds, shots.stop, cfg.seed)
         demos = demo_sample.select(shots)
         demo_rows = [int(r) for r in all_demo_rows[shots.start:]]
-        data.check_binary_examples(demos["text"], demos["label"], demo_rows,
-                                   _where(cfg.dataset, cfg.demonstrations_split))
+        data.check_examples(demos["text"], demos["label"], demo_rows,
+                            _where(cfg.dataset, cfg.demonstrations_split), len(cfg.label_names))
         block = prompts.demonstration_block(demos["text"], demos["label"],
                                               label_names=cfg.label_names)
         if cfg.demonstrations_split == cfg.split:
