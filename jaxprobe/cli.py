@@ -26,6 +26,7 @@ from jaxprobe.experiments import (
     ActiveExperimentConfig,
     ProbeExperimentConfig,
     active_experiment,
+    active_experiment_tasks,
     probe_experiment,
     run_demo,
 )
@@ -401,25 +402,26 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAU
     """The data/prompt/subset flags shared by `evaluate` and `active-experiment` (`sizes`: the
     defaults the help shows for the subset flags left out)."""
     d = EvaluateConfig
-    g = parser.add_argument_group("data and prompt")
-    g.add_argument("--dataset", default=d.dataset,
-                   help="built-in name (sst2, imdb), a local .csv/.json/.parquet file, or any "
-                        "datasets.load_dataset name (default: %(default)s)")
-    g.add_argument("--split", default=d.split, help="split to draw the subsets from (default: %(default)s)")
-    g.add_argument("--text-column", default=d.text_column, help="(default: %(default)s)")
-    g.add_argument("--label-column", default=d.label_column,
-                   help="integer class ids 0..K-1, or strings equal to the label words (default: %(default)s)")
-    g.add_argument("--label-words", type=_words, default=d.label_words, metavar="W0,W1,...",
+    g = parser.add_argument_group("data and prompt (a --task sets them; flags given override it)")
+    g.add_argument("--dataset", default=None,
+                   help="built-in name (sst2, imdb, subj, fpb, hs18, mmlu), a local .csv/.json/.parquet "
+                        f"file, or any datasets.load_dataset name (default: {d.dataset})")
+    g.add_argument("--split", default=None, help=f"split to draw the subsets from (default: {d.split})")
+    g.add_argument("--text-column", default=None, help=f"(default: {d.text_column})")
+    g.add_argument("--label-column", default=None,
+                   help="integer class ids 0..K-1, or strings equal to the label words "
+                        f"(default: {d.label_column})")
+    g.add_argument("--label-words", type=_words, default=None, metavar="W0,W1,...",
                    help="one word per class, in class-id order; each must be one token after the "
-                        "prompt (default: %s)" % ",".join(d.label_words))
-    g.add_argument("--answer-word", default=d.answer_word,
-                   help="the word before the colon the label follows (default: %(default)s)")
+                        f"prompt (default: {','.join(d.label_words)})")
+    g.add_argument("--answer-word", default=None,
+                   help=f"the word before the colon the label follows (default: {d.answer_word})")
     g.add_argument("--instruction", type=_unescape, default=None,
                    help=r"text before the examples; '\n' means a newline (default: the paper's SST-2 "
                         "instruction for negative,positive, else a generic one over the label words)")
-    g.add_argument("--multi-token-labels", choices=MULTI_TOKEN_POLICIES, default=d.multi_token_labels,
+    g.add_argument("--multi-token-labels", choices=MULTI_TOKEN_POLICIES, default=None,
                    help="a label word that is several tokens: refuse it (error) or read its first "
-                        "token, as the paper did for Subj (default: %(default)s)")
+                        f"token, as the paper did for Subj (default: {d.multi_token_labels})")
     g.add_argument("--icl-selection", choices=ICL_SELECTIONS, default=d.icl_selection,
                    help="in-context examples per class in proportion to the candidates' classes, "
                         "in one random order (the paper), or a plain random choice (the reference "
@@ -449,6 +451,32 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAU
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+# Flags a task preset sets (None = not given on the command line).
+TASK_FLAGS = ("dataset", "split", "text_column", "label_column", "label_words", "answer_word", "instruction",
+              "multi_token_labels")
+
+
+def _given_task_flags(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in TASK_FLAGS if getattr(args, k) is not None}
+
+
+def _task_help() -> str:
+    from jaxprobe.tasks import presets
+
+    return "tasks: " + "; ".join(f"{t.name} = {t.description}" for t in presets().values())
+
+
+def _evaluate_fields(args: argparse.Namespace, task=None) -> dict:
+    """EvaluateConfig's task fields: the task's (or the defaults), then the flags given."""
+    if task is None:
+        base = {k: getattr(EvaluateConfig, k) for k in TASK_FLAGS}
+    else:
+        base = task.evaluate_fields()
+        base.update({k: getattr(args, k) for k in DEFAULT_SIZES if getattr(args, k) is not None
+                     or args.subsets is not None})  # reused subsets bring their own sizes
+    return {**base, **_given_task_flags(args)}
+
+
 def _add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -468,13 +496,19 @@ def _add_evaluate_command(subparsers) -> argparse.ArgumentParser:
                         help="converted checkpoint, HF folder, .gguf file or smollm2-135m (default: %(default)s)")
     parser.add_argument("--icl", type=int, default=0, metavar="N",
                         help="in-context examples before each query (paper: 50; default: %(default)s)")
+    parser.add_argument("--task", default=None, metavar="NAME|FILE",
+                        help="a task preset or a .toml/.json task file: data, prompt and subset sizes. "
+                             + _task_help())
     _add_evaluate_arguments(parser)
     parser.set_defaults(func=_evaluate_command)
     return parser
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
-    run_evaluate(_config_from_args(EvaluateConfig, args))
+    from jaxprobe.tasks import load_task
+
+    task = load_task(args.task) if args.task is not None else None
+    run_evaluate(_config_from_args(EvaluateConfig, args, **_evaluate_fields(args, task)))
     return 0
 
 
@@ -599,8 +633,13 @@ def _add_active_experiment_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=d.model, help="target model (default: %(default)s)")
     parser.add_argument("--surrogate-model", default=None,
                         help="surrogate model, run with --icl examples (default: the target model)")
-    parser.add_argument("--icl", type=int, default=d.icl,
-                        help="in-context examples of the few-shot target and the surrogate (default: %(default)s)")
+    parser.add_argument("--icl", type=int, default=None,
+                        help="in-context examples of the few-shot target and the surrogate (default: the "
+                             f"task's, else {d.icl})")
+    parser.add_argument("--task", default=None, metavar="NAME|FILE|all",
+                        help="run the experiment on a task preset (or a .toml/.json task file), or on every "
+                             "preset with 'all' (one folder per task and report.md side by side). "
+                             + _task_help())
     parser.add_argument("--acquisitions", type=_acquisitions, default=d.acquisitions, metavar="A,B,...",
                         help="compared with iid (default: %s)" % ",".join(d.acquisitions))
     parser.add_argument("--no-ase", dest="ase", action="store_false", help="leave out the ASE estimate")
@@ -621,8 +660,19 @@ def _add_active_experiment_command(subparsers) -> argparse.ArgumentParser:
 
 
 def _experiment_command(args: argparse.Namespace) -> int:
-    evaluate = _config_from_args(EvaluateConfig, args, out="", model=EvaluateConfig.model, icl=0)
-    active_experiment(_config_from_args(ActiveExperimentConfig, args, evaluate=evaluate))
+    from jaxprobe.tasks import resolve_tasks
+
+    if args.task is None:
+        evaluate = _config_from_args(EvaluateConfig, args, out="", model=EvaluateConfig.model, icl=0,
+                                     **_evaluate_fields(args))
+        active_experiment(_config_from_args(ActiveExperimentConfig, args, evaluate=evaluate,
+                                            icl=ActiveExperimentConfig.icl if args.icl is None else args.icl))
+        return 0
+    task_list = resolve_tasks(args.task)
+    evaluate = _config_from_args(EvaluateConfig, args, out="", model=EvaluateConfig.model, icl=0,
+                                 **{k: getattr(EvaluateConfig, k) for k in TASK_FLAGS})
+    config = _config_from_args(ActiveExperimentConfig, args, evaluate=evaluate, icl=ActiveExperimentConfig.icl)
+    active_experiment_tasks(config, task_list, icl=args.icl, keep=_given_task_flags(args))
     return 0
 
 

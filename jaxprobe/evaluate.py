@@ -263,6 +263,14 @@ def _draw_icl_rows(n_rows: int, icl_candidates: int, seed: int, source: str) -> 
     return np.sort(np.random.default_rng([seed, 0x1C1]).permutation(n_rows)[:icl_candidates])
 
 
+def _own_icl_split(config: EvaluateConfig) -> bool:
+    """Whether ICL candidates come from a split of their own; a one-file dataset has one split only,
+    so its candidates are rows of that file apart from pool and test."""
+    from jaxprobe.data import is_single_file
+
+    return config.icl_split not in (None, config.split) and not is_single_file(config.dataset)
+
+
 def make_or_load_subsets(config: EvaluateConfig, split: LabelledSplit,
                          icl_split: LabelledSplit | None = None) -> dict:
     """The subsets record: drawn from `--seed`, or read from `--subsets` and checked against the data.
@@ -300,7 +308,7 @@ def make_or_load_subsets(config: EvaluateConfig, split: LabelledSplit,
         if record["n_rows"] != split.n_rows:
             raise UserError(f"--subsets {path} was drawn from {record['n_rows']} rows, but "
                             f"{split.source} has {split.n_rows}")
-        if record.get("icl_split") != config.icl_split:
+        if record.get("icl_split") != (config.icl_split if _own_icl_split(config) else None):
             raise UserError(f"--subsets {path} drew its ICL candidates from split {record.get('icl_split')!r}, "
                             f"this run from {config.icl_split!r}")
     rows = np.concatenate([subset_rows(record, k) for k in ("pool", "test")])
@@ -349,7 +357,7 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
         raise UserError("a query format with {choices} needs a choices column, and the other way round")
     config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype))  # recorded concrete
     split = LabelledSplit(config)
-    icl_split = LabelledSplit(config, config.icl_split) if config.icl_split not in (None, config.split) else split
+    icl_split = LabelledSplit(config, config.icl_split) if _own_icl_split(config) else split
     subsets = make_or_load_subsets(config, split, icl_split)
     k = len(config.label_words)
     candidate_rows = subset_rows(subsets, "icl_candidates")
