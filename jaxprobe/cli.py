@@ -291,6 +291,12 @@ def _add_extract_command(subparsers) -> None:
                    help=f"{', '.join(prompts.TEMPLATES)} or a format string (default: %(default)s)")
     g.add_argument("--demonstrations-split", default=d.demonstrations_split,
                    help="split the demonstrations come from (default: %(default)s)")
+    g.add_argument("--task", default=None, metavar="NAME|FILE",
+                   help="a task preset or file: its columns, label filter and label words; with "
+                        "--template task, its own prompt (instruction, demonstrations, query)")
+    g.add_argument("--skip", type=int, default=d.skip,
+                   help="sample rows skip..skip+n-1 of the shuffle, e.g. a test sample after a train "
+                        "sample of the same split (default: %(default)s)")
     g.add_argument("--label-names", type=_label_names, default=d.label_names, metavar="NAME0,NAME1,...",
                    help="one name per class id, used in demonstrations; their number is K "
                         "(default: negative,positive)")
@@ -354,6 +360,10 @@ def _add_probe_experiment_command(subparsers) -> None:
     g.add_argument("--n-test", type=int, default=e.n_test, help="(default: %(default)s)")
     g.add_argument("--templates", type=lambda s: tuple(s.split(";")), default=e.templates,
                    help="';'-separated templates (default: " + ";".join(e.templates) + ")")
+    g.add_argument("--task", default=None, metavar="NAME|FILE",
+                   help="a task preset or file: its data, train/test splits (one split: disjoint samples), "
+                        "label words and templates raw + the task's own few-shot prompt (demonstrations "
+                        "from --demonstrations-from). " + _task_help())
     r = p.add_argument_group("model, probes and run")
     _add_run_arguments(r, e)
     r.add_argument("--recipe", default="both", choices=[*RECIPES, "both"],

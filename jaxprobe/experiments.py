@@ -55,7 +55,7 @@ from jaxprobe.evaluate import (
     EvaluateConfig,
     run_evaluate,
 )
-from jaxprobe.extract import ExtractConfig, extract
+from jaxprobe.extract import TASK_TEMPLATE, ExtractConfig, extract
 from jaxprobe.files import (
     claim_folder,
     is_leftover,
@@ -107,6 +107,25 @@ class ProbeExperimentConfig:
     label_column: str = "label"
     mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
     progress: bool = True
+    task: str | None = None  # a task preset or file: its data, splits, label words, raw and few-shot prompts
+
+
+def _probe_task(cfg: ProbeExperimentConfig):
+    """(cfg with the task's dataset, splits and templates `raw` + the task's own prompt, the task)."""
+    from jaxprobe.tasks import load_task
+
+    if cfg.task is None:
+        return cfg, None
+    task = load_task(cfg.task)
+    templates = ("raw", TASK_TEMPLATE) if cfg.templates == EXPERIMENT_TEMPLATES else cfg.templates
+    return dataclasses.replace(cfg, dataset=task.dataset, train_split=task.probe_splits[0],
+                               test_split=task.probe_splits[1], templates=templates), task
+
+
+def _variant_name(template: str, cfg: ProbeExperimentConfig, task) -> str:
+    if template == TASK_TEMPLATE and task is not None:
+        return f"{task.name}-{len(prompts.parse_row_slice(cfg.demonstrations_from))}shot"
+    return prompts.variant_name(template)
 
 
 def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = print) -> dict:
@@ -114,27 +133,33 @@ def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = pr
     from jaxprobe.runner import load_model, resolve_dtype
 
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype))
-    if data.is_single_file(cfg.dataset):
+    cfg, task = _probe_task(cfg)
+    one_split = cfg.train_split == cfg.test_split  # the test sample then follows the train one
+    if data.is_single_file(cfg.dataset) and task is None:
         raise UserError(f"--dataset {cfg.dataset} is one file, so its train and test samples would "
                         "be the same rows; run `jaxprobe extract` on a train and a test file and "
                         "`jaxprobe probe` on the two stores instead")
     if len(set(cfg.templates)) != len(cfg.templates):
         raise UserError(f"--templates repeats a template: {', '.join(cfg.templates)}")
     for t in cfg.templates:
-        prompts.get_template(t)
+        if t != TASK_TEMPLATE or task is None:
+            prompts.get_template(t)
     out = Path(cfg.out)
-    jobs = [(t, split, n) for t in cfg.templates
-            for split, n in ((cfg.train_split, cfg.n_train), (cfg.test_split, cfg.n_test))]
+    jobs = [(t, split, n, role) for t in cfg.templates
+            for split, n, role in ((cfg.train_split, cfg.n_train, "train"), (cfg.test_split, cfg.n_test, "test"))]
     n_steps = len(jobs) + 1
-    log(f"probe-experiment: {cfg.model} on {cfg.dataset} ({cfg.n_train} train / {cfg.n_test} test), "
+    log(f"probe-experiment: {cfg.model} on {cfg.task or cfg.dataset} ({cfg.n_train} train / {cfg.n_test} test), "
         f"templates {', '.join(cfg.templates)}, recipes {', '.join(cfg.recipes)}, {cfg.seeds} seeds "
         f"-> {out} (rerun the same command to resume)")
     log(f"loading model {cfg.model} ({cfg.dtype})")
     lm = load_model(cfg.model, dtype=cfg.dtype, mesh_shape=cfg.mesh)
     stores = {}
-    for step, (template, split, n) in enumerate(jobs, 1):
-        name = f"{prompts.variant_name(template)}-{split}".replace("/", "_")
-        store_dir = out / "stores" / (name if template in prompts.TEMPLATES else f"custom{step}-{split}")
+    names = {t: _variant_name(t, cfg, task) for t in cfg.templates}
+    for step, (template, split, n, role) in enumerate(jobs, 1):
+        label = role if one_split else split  # one split: name the stores by their role
+        name = f"{names[template]}-{label}".replace("/", "_")
+        known = template in prompts.TEMPLATES or (template == TASK_TEMPLATE and task is not None)
+        store_dir = out / "stores" / (name if known else f"custom{step}-{label}")
         log(f"[{step}/{n_steps}] extract {template!r} {split} ({n} texts) -> {store_dir}")
         extract(ExtractConfig(
             out=str(store_dir), model=cfg.model, dataset=cfg.dataset, split=split, n=n,
@@ -142,18 +167,18 @@ def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = pr
             demonstrations_split=cfg.train_split, positions=cfg.positions,
             batch_size=cfg.batch_size, shard_size=cfg.shard_size, dtype=cfg.dtype,
             text_column=cfg.text_column, label_column=cfg.label_column,
-            progress=cfg.progress), lm=lm, log=log)
-        stores[(template, split)] = str(store_dir)
+            progress=cfg.progress, task=cfg.task, skip=cfg.n_train if one_split and role == "test" else 0),
+            lm=lm, log=log)
+        stores[(template, role)] = str(store_dir)
     if not processes.is_writer():
         return {}  # the model's part is done; probes train on process 0's stores, on its own
     log(f"[{n_steps}/{n_steps}] probe: {', '.join(cfg.recipes)} -> {out / 'probes'}")
-    names = {t: prompts.variant_name(t) for t in cfg.templates}
     results = probe(ProbeConfig(
-        train=tuple((names[t], (stores[(t, cfg.train_split)],)) for t in cfg.templates),
-        test=tuple((names[t], (stores[(t, cfg.test_split)],)) for t in cfg.templates),
+        train=tuple((names[t], (stores[(t, "train")],)) for t in cfg.templates),
+        test=tuple((names[t], (stores[(t, "test")],)) for t in cfg.templates),
         out=str(out / "probes"), recipes=cfg.recipes, seeds=cfg.seeds, progress=cfg.progress),
         log=log)
-    results["experiment"] = {"model": cfg.model, "dataset": cfg.dataset, "n_train": cfg.n_train,
+    results["experiment"] = {"model": cfg.model, "dataset": cfg.task or cfg.dataset, "n_train": cfg.n_train,
                              "n_test": cfg.n_test}
     report = probe_experiment_report(results)
     save_text(out / "report.md", report + "\n")
