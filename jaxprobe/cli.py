@@ -28,6 +28,7 @@ from jaxprobe.experiments import (
     active_experiment,
     active_experiment_tasks,
     probe_experiment,
+    probe_experiment_tasks,
     run_demo,
 )
 from jaxprobe.extract import (
@@ -320,9 +321,9 @@ def _add_probe_command(subparsers) -> None:
                     "layers of several one-layer stores, e.g. reference pickles). A PATH without\n"
                     "NAME= is named after its template. Writes results.json, results.csv and\n"
                     "accuracy_by_layer.png; a killed run resumes from its Orbax checkpoints.\n\n"
-                    "recipes: vector-mlp = the reference's Linear(d,128,no bias)-ReLU-Linear(128,2),\n"
+                    "recipes: vector-mlp = the reference's Linear(d,128,no bias)-ReLU-Linear(128,K),\n"
                     "AdamW 1e-4, 25 epochs of batch 128, raw inputs; logreg = L2 logistic regression\n"
-                    "on standardised features.",
+                    "on standardised features (multinomial for K > 2 classes).",
         epilog="example: jaxprobe probe --train raw=runs/raw-train --test raw=runs/raw-test "
                "--train vector-5shot=runs/v-train --test vector-5shot=runs/v-test --out runs/probes")
     p.add_argument("--train", action="append", type=_named_paths, required=True, metavar="[NAME=]PATH",
@@ -360,8 +361,9 @@ def _add_probe_experiment_command(subparsers) -> None:
     g.add_argument("--n-test", type=int, default=e.n_test, help="(default: %(default)s)")
     g.add_argument("--templates", type=lambda s: tuple(s.split(";")), default=e.templates,
                    help="';'-separated templates (default: " + ";".join(e.templates) + ")")
-    g.add_argument("--task", default=None, metavar="NAME|FILE",
-                   help="a task preset or file: its data, train/test splits (one split: disjoint samples), "
+    g.add_argument("--task", default=None, metavar="NAME|FILE|all",
+                   help="a task preset or file (all: every preset, OUT/<task>/ and OUT/report.md): its "
+                        "data, train/test splits (one split: disjoint samples), "
                         "label words and templates raw + the task's own few-shot prompt (demonstrations "
                         "from --demonstrations-from). " + _task_help())
     r = p.add_argument_group("model, probes and run")
@@ -390,7 +392,11 @@ def _run_probe(args) -> int:
 
 
 def _run_probe_experiment(args) -> int:
-    probe_experiment(_config_from_args(ProbeExperimentConfig, args, recipes=_recipes(args.recipe)))
+    config = _config_from_args(ProbeExperimentConfig, args, recipes=_recipes(args.recipe))
+    if args.task == "all":
+        probe_experiment_tasks(config)
+    else:
+        probe_experiment(config)
     return 0
 
 

@@ -188,6 +188,25 @@ def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = pr
     return results
 
 
+def probe_experiment_tasks(cfg: ProbeExperimentConfig, log: Callable[[str], None] = print) -> dict:
+    """`probe-experiment --task all`: every preset into OUT/<task>/, then OUT/report.md with each
+    task's report one after another."""
+    from jaxprobe.tasks import presets
+
+    out = Path(cfg.out)
+    results, sections = {}, []
+    for name in presets():
+        log(f"== task {name} -> {out / name}")
+        results[name] = probe_experiment(dataclasses.replace(cfg, task=name, out=str(out / name)), log=log)
+        if results[name]:
+            body = probe_experiment_report(results[name]).replace("\n## ", "\n### ").split("\n", 1)[1]
+            sections.append(f"## {name}\n{body}")
+    if processes.is_writer():
+        save_text(out / "report.md", "# probe-experiment across tasks\n\n" + "\n\n".join(sections) + "\n")
+        log(f"wrote {out / 'report.md'}")
+    return results
+
+
 # ---------------------------------------------------------------- active-experiment
 
 EXPERIMENT_FORMAT = "jaxprobe.active-experiment/1"

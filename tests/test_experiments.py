@@ -225,3 +225,33 @@ def test_k4_mmlu_task_with_per_subject_results_and_the_tasks_report(tiny_setup, 
     assert f"| mmlu | 2shot | {rel:.3f} |" in report
     pearson = results["fpb"]["targets"]["0shot"]["pearson_ce_loss"]
     assert f"| fpb | {pearson:.3f} |" in report
+
+
+def test_probe_experiment_task_all_writes_one_report(tiny_setup, monkeypatch, capsys):
+    """`probe-experiment --task all` over (here) two presets pointed at tiny data: one folder each and
+    one report holding both."""
+    import dataclasses
+
+    from jaxprobe import cli, tasks
+    from jaxprobe.testing import (
+        TINY_LABEL_WORDS,
+        write_tiny_choices,
+        write_tiny_dataset,
+    )
+
+    root = tiny_setup["root"] / "probe-all"
+    root.mkdir()
+    fpb = dataclasses.replace(tasks.load_task("fpb"), label_words=TINY_LABEL_WORDS[:3],
+                              dataset=str(write_tiny_dataset(root / "three.parquet", 80, seed=6, n_classes=3)))
+    mmlu = dataclasses.replace(tasks.load_task("mmlu"), probe_splits=("train", "train"),
+                               dataset=str(write_tiny_choices(root / "mc.parquet", 80, seed=7)))
+    monkeypatch.setattr(tasks, "presets", lambda: {"fpb": fpb, "mmlu": mmlu})
+    out = root / "out"
+    assert cli.main(["probe-experiment", "--task", "all", "--model", tiny_setup["model"], "--n-train", "24",
+                     "--n-test", "16", "--demonstrations-from", "60:61", "--recipe", "logreg", "--seeds", "1",
+                     "--no-progress", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert report.startswith("# probe-experiment across tasks") and "## fpb" in report and "## mmlu" in report
+    assert "| fpb-1shot | logreg |" in report and "| mmlu-1shot | logreg |" in report
+    for name, k in (("fpb", 3), ("mmlu", 4)):
+        assert json.loads((out / name / "probes" / "results.json").read_text())["n_classes"] == k
