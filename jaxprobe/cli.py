@@ -26,7 +26,9 @@ from jaxprobe.experiments import (
     ActiveExperimentConfig,
     ProbeExperimentConfig,
     active_experiment,
+    active_experiment_tasks,
     probe_experiment,
+    probe_experiment_tasks,
     run_demo,
 )
 from jaxprobe.extract import (
@@ -148,10 +150,10 @@ def _add_demo_command(subparsers) -> None:
 
 # ---------------------------------------------------------------- extract, probe, probe-experiment
 
-def _label_names(text: str) -> tuple[str, str]:
+def _label_names(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(","))
-    if len(names) != 2 or not all(names):
-        raise argparse.ArgumentTypeError("give two names, for labels 0 and 1, e.g. negative,positive")
+    if len(names) < 2 or not all(names):
+        raise argparse.ArgumentTypeError("give one name per label 0, 1, ..., e.g. negative,positive")
     return names
 
 
@@ -217,7 +219,8 @@ def _add_data_arguments(g, d) -> None:
                         "name (default: %(default)s)")
     g.add_argument("--text-column", default=d.text_column, help="(default: %(default)s)")
     g.add_argument("--label-column", default=d.label_column,
-                   help="labels must be 0/1 (default: %(default)s)")
+                   help="labels must be class ids 0..K-1, K = the number of --label-names "
+                        "(default: %(default)s)")
     g.add_argument("--seed", type=_seed, default=d.seed,
                    help="sample = shuffle(seed).select(range(n)), as the reference (default: %(default)s)")
     g.add_argument("--demonstrations-from", default=d.demonstrations_from, metavar="START:STOP",
@@ -291,8 +294,15 @@ def _add_extract_command(subparsers) -> None:
                    help=f"{', '.join(prompts.TEMPLATES)} or a format string (default: %(default)s)")
     g.add_argument("--demonstrations-split", default=d.demonstrations_split,
                    help="split the demonstrations come from (default: %(default)s)")
-    g.add_argument("--label-names", type=_label_names, default=d.label_names, metavar="NAME0,NAME1",
-                   help="label words in demonstrations (default: negative,positive)")
+    g.add_argument("--task", default=None, metavar="NAME|FILE",
+                   help="a task preset or file: its columns, label filter and label words; with "
+                        "--template task, its own prompt (instruction, demonstrations, query)")
+    g.add_argument("--skip", type=int, default=d.skip,
+                   help="sample rows skip..skip+n-1 of the shuffle, e.g. a test sample after a train "
+                        "sample of the same split (default: %(default)s)")
+    g.add_argument("--label-names", type=_label_names, default=d.label_names, metavar="NAME0,NAME1,...",
+                   help="one name per class id, used in demonstrations; their number is K "
+                        "(default: negative,positive)")
     r = p.add_argument_group("model and run")
     _add_run_arguments(r, d)
     r.add_argument("--max-length", type=int, default=d.max_length,
@@ -313,9 +323,9 @@ def _add_probe_command(subparsers) -> None:
                     "layers of several one-layer stores, e.g. reference pickles). A PATH without\n"
                     "NAME= is named after its template. Writes results.json, results.csv and\n"
                     "accuracy_by_layer.png; a killed run resumes from its Orbax checkpoints.\n\n"
-                    "recipes: vector-mlp = the reference's Linear(d,128,no bias)-ReLU-Linear(128,2),\n"
+                    "recipes: vector-mlp = the reference's Linear(d,128,no bias)-ReLU-Linear(128,K),\n"
                     "AdamW 1e-4, 25 epochs of batch 128, raw inputs; logreg = L2 logistic regression\n"
-                    "on standardised features.",
+                    "on standardised features (multinomial for K > 2 classes).",
         epilog="example: jaxprobe probe --train raw=runs/raw-train --test raw=runs/raw-test "
                "--train vector-5shot=runs/v-train --test vector-5shot=runs/v-test --out runs/probes")
     p.add_argument("--train", action="append", type=_named_paths, required=True, metavar="[NAME=]PATH",
@@ -353,6 +363,11 @@ def _add_probe_experiment_command(subparsers) -> None:
     g.add_argument("--n-test", type=int, default=e.n_test, help="(default: %(default)s)")
     g.add_argument("--templates", type=lambda s: tuple(s.split(";")), default=e.templates,
                    help="';'-separated templates (default: " + ";".join(e.templates) + ")")
+    g.add_argument("--task", default=None, metavar="NAME|FILE|all",
+                   help="a task preset or file (all: every preset, OUT/<task>/ and OUT/report.md): its "
+                        "data, train/test splits (one split: disjoint samples), "
+                        "label words and templates raw + the task's own few-shot prompt (demonstrations "
+                        "from --demonstrations-from). " + _task_help())
     r = p.add_argument_group("model, probes and run")
     _add_run_arguments(r, e)
     r.add_argument("--recipe", default="both", choices=[*RECIPES, "both"],
@@ -379,7 +394,11 @@ def _run_probe(args) -> int:
 
 
 def _run_probe_experiment(args) -> int:
-    probe_experiment(_config_from_args(ProbeExperimentConfig, args, recipes=_recipes(args.recipe)))
+    config = _config_from_args(ProbeExperimentConfig, args, recipes=_recipes(args.recipe))
+    if args.task == "all":
+        probe_experiment_tasks(config)
+    else:
+        probe_experiment(config)
     return 0
 
 
@@ -401,25 +420,26 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAU
     """The data/prompt/subset flags shared by `evaluate` and `active-experiment` (`sizes`: the
     defaults the help shows for the subset flags left out)."""
     d = EvaluateConfig
-    g = parser.add_argument_group("data and prompt")
-    g.add_argument("--dataset", default=d.dataset,
-                   help="built-in name (sst2, imdb), a local .csv/.json/.parquet file, or any "
-                        "datasets.load_dataset name (default: %(default)s)")
-    g.add_argument("--split", default=d.split, help="split to draw the subsets from (default: %(default)s)")
-    g.add_argument("--text-column", default=d.text_column, help="(default: %(default)s)")
-    g.add_argument("--label-column", default=d.label_column,
-                   help="integer class ids 0..K-1, or strings equal to the label words (default: %(default)s)")
-    g.add_argument("--label-words", type=_words, default=d.label_words, metavar="W0,W1,...",
+    g = parser.add_argument_group("data and prompt (a --task sets them; flags given override it)")
+    g.add_argument("--dataset", default=None,
+                   help="built-in name (sst2, imdb, subj, fpb, hs18, mmlu), a local .csv/.json/.parquet "
+                        f"file, or any datasets.load_dataset name (default: {d.dataset})")
+    g.add_argument("--split", default=None, help=f"split to draw the subsets from (default: {d.split})")
+    g.add_argument("--text-column", default=None, help=f"(default: {d.text_column})")
+    g.add_argument("--label-column", default=None,
+                   help="integer class ids 0..K-1, or strings equal to the label words "
+                        f"(default: {d.label_column})")
+    g.add_argument("--label-words", type=_words, default=None, metavar="W0,W1,...",
                    help="one word per class, in class-id order; each must be one token after the "
-                        "prompt (default: %s)" % ",".join(d.label_words))
-    g.add_argument("--answer-word", default=d.answer_word,
-                   help="the word before the colon the label follows (default: %(default)s)")
+                        f"prompt (default: {','.join(d.label_words)})")
+    g.add_argument("--answer-word", default=None,
+                   help=f"the word before the colon the label follows (default: {d.answer_word})")
     g.add_argument("--instruction", type=_unescape, default=None,
                    help=r"text before the examples; '\n' means a newline (default: the paper's SST-2 "
                         "instruction for negative,positive, else a generic one over the label words)")
-    g.add_argument("--multi-token-labels", choices=MULTI_TOKEN_POLICIES, default=d.multi_token_labels,
+    g.add_argument("--multi-token-labels", choices=MULTI_TOKEN_POLICIES, default=None,
                    help="a label word that is several tokens: refuse it (error) or read its first "
-                        "token, as the paper did for Subj (default: %(default)s)")
+                        f"token, as the paper did for Subj (default: {d.multi_token_labels})")
     g.add_argument("--icl-selection", choices=ICL_SELECTIONS, default=d.icl_selection,
                    help="in-context examples per class in proportion to the candidates' classes, "
                         "in one random order (the paper), or a plain random choice (the reference "
@@ -449,6 +469,32 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser, sizes: dict = DEFAU
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+# Flags a task preset sets (None = not given on the command line).
+TASK_FLAGS = ("dataset", "split", "text_column", "label_column", "label_words", "answer_word", "instruction",
+              "multi_token_labels")
+
+
+def _given_task_flags(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in TASK_FLAGS if getattr(args, k) is not None}
+
+
+def _task_help() -> str:
+    from jaxprobe.tasks import presets
+
+    return "tasks: " + "; ".join(f"{t.name} = {t.description}" for t in presets().values())
+
+
+def _evaluate_fields(args: argparse.Namespace, task=None) -> dict:
+    """EvaluateConfig's task fields: the task's (or the defaults), then the flags given."""
+    if task is None:
+        base = {k: getattr(EvaluateConfig, k) for k in TASK_FLAGS}
+    else:
+        base = task.evaluate_fields()
+        base.update({k: getattr(args, k) for k in DEFAULT_SIZES if getattr(args, k) is not None
+                     or args.subsets is not None})  # reused subsets bring their own sizes
+    return {**base, **_given_task_flags(args)}
+
+
 def _add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -469,13 +515,19 @@ def _add_evaluate_command(subparsers) -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     parser.add_argument("--icl", type=int, default=0, metavar="N",
                         help="in-context examples before each query (paper: 50; default: %(default)s)")
+    parser.add_argument("--task", default=None, metavar="NAME|FILE",
+                        help="a task preset or a .toml/.json task file: data, prompt and subset sizes. "
+                             + _task_help())
     _add_evaluate_arguments(parser)
     parser.set_defaults(func=_evaluate_command)
     return parser
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
-    run_evaluate(_config_from_args(EvaluateConfig, args))
+    from jaxprobe.tasks import load_task
+
+    task = load_task(args.task) if args.task is not None else None
+    run_evaluate(_config_from_args(EvaluateConfig, args, **_evaluate_fields(args, task)))
     return 0
 
 
@@ -600,8 +652,13 @@ def _add_active_experiment_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=d.model, help="target model (default: %(default)s)")
     parser.add_argument("--surrogate-model", default=None,
                         help="surrogate model, run with --icl examples (default: the target model)")
-    parser.add_argument("--icl", type=int, default=d.icl,
-                        help="in-context examples of the few-shot target and the surrogate (default: %(default)s)")
+    parser.add_argument("--icl", type=int, default=None,
+                        help="in-context examples of the few-shot target and the surrogate (default: the "
+                             f"task's, else {d.icl})")
+    parser.add_argument("--task", default=None, metavar="NAME|FILE|all",
+                        help="run the experiment on a task preset (or a .toml/.json task file), or on every "
+                             "preset with 'all' (one folder per task and report.md side by side). "
+                             + _task_help())
     parser.add_argument("--acquisitions", type=_acquisitions, default=d.acquisitions, metavar="A,B,...",
                         help="compared with iid (default: %s)" % ",".join(d.acquisitions))
     parser.add_argument("--no-ase", dest="ase", action="store_false", help="leave out the ASE estimate")
@@ -622,8 +679,19 @@ def _add_active_experiment_command(subparsers) -> argparse.ArgumentParser:
 
 
 def _experiment_command(args: argparse.Namespace) -> int:
-    evaluate = _config_from_args(EvaluateConfig, args, out="", model=EvaluateConfig.model, icl=0)
-    active_experiment(_config_from_args(ActiveExperimentConfig, args, evaluate=evaluate))
+    from jaxprobe.tasks import resolve_tasks
+
+    if args.task is None:
+        evaluate = _config_from_args(EvaluateConfig, args, out="", model=EvaluateConfig.model, icl=0,
+                                     **_evaluate_fields(args))
+        active_experiment(_config_from_args(ActiveExperimentConfig, args, evaluate=evaluate,
+                                            icl=ActiveExperimentConfig.icl if args.icl is None else args.icl))
+        return 0
+    task_list = resolve_tasks(args.task)
+    evaluate = _config_from_args(EvaluateConfig, args, out="", model=EvaluateConfig.model, icl=0,
+                                 **{k: getattr(EvaluateConfig, k) for k in TASK_FLAGS})
+    config = _config_from_args(ActiveExperimentConfig, args, evaluate=evaluate, icl=ActiveExperimentConfig.icl)
+    active_experiment_tasks(config, task_list, icl=args.icl, keep=_given_task_flags(args))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Labelled text sets through `datasets`: the project's offline copies (IMDB, SST-2 in `data/`),
+"""Labelled text sets through `datasets`: the project's offline copies (IMDB, SST-2, Subj, FPB, HS18,
+MMLU in `data/`),
 any local csv/json/parquet file, or any `datasets` name. Every loader returns a `datasets.Dataset`
 with exactly two columns, `text` (str) and `label` (int), in the source's row order, so Hub-style
 indices and `shuffle(seed=...)` carry over.
@@ -17,15 +18,22 @@ DATA_DIR = Path(os.environ.get("JAXPROBE_DATA", Path(__file__).resolve().parent.
 BUILTIN = {
     "imdb": {"train": "imdb_train.parquet", "test": "imdb_test.parquet"},
     "sst2": {"train": "sst2_train.parquet", "validation": "sst2_validation.parquet"},
+    "subj": {"train": "subj_train.parquet", "test": "subj_test.parquet"},
+    "fpb": {"train": "fpb_allagree.parquet"},  # sentences_allagree; Hugging Face has only a train split
+    "hs18": {"train": "hs18.parquet"},         # all four labels; the paper keeps label < 2
+    "mmlu": {"test": "mmlu_test.parquet", "validation": "mmlu_validation.parquet", "dev": "mmlu_dev.parquet"},
 }
 _LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_split(source: str, split: str, *, text_column: str = "text", label_column: str = "label"):
-    """Load one split as a `datasets.Dataset` with columns `text` and `label`.
+def load_split(source: str, split: str, *, text_column: str = "text", label_column: str = "label",
+               extra_columns: tuple[str, ...] = ()):
+    """Load one split as a `datasets.Dataset` with columns `text` and `label` (then `extra_columns`,
+    under their own names, e.g. MMLU's `choices` and `subject`).
 
-    `source` is a built-in name (`imdb`, `sst2`), a local .csv/.tsv/.json/.jsonl/.parquet file
-    (one split: `split` is only a label then), or anything `datasets.load_dataset` accepts.
+    `source` is a built-in name (`imdb`, `sst2`, `subj`, `fpb`, `hs18`, `mmlu`), a local
+    .csv/.tsv/.json/.jsonl/.parquet file (one split: `split` is only a label then), or anything
+    `datasets.load_dataset` accepts.
     """
     import datasets
 
@@ -62,11 +70,12 @@ def load_split(source: str, split: str, *, text_column: str = "text", label_colu
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if len(ds) == 0:
         raise UserError(f"dataset {source!r} split {split!r} holds no rows")
-    for col, what in ((text_column, "--text-column"), (label_column, "--label-column")):
+    for col, what in ((text_column, "--text-column"), (label_column, "--label-column"),
+                      *((c, "a column the task reads") for c in extra_columns)):
         if col not in ds.column_names:
             raise UserError(f"dataset {source!r} has no column {col!r} ({what}); "
                             f"columns are {ds.column_names}")
-    ds = ds.select_columns([text_column, label_column])
+    ds = ds.select_columns([text_column, label_column, *extra_columns])
     if text_column != "text":
         ds = ds.rename_column(text_column, "text")
     if label_column != "label":
@@ -99,15 +108,21 @@ def reference_sample_rows(ds, n: int, seed: int = 42):
     return sample.remove_columns("_row"), rows
 
 
-def check_binary_examples(texts, labels, rows, where: str) -> None:
-    """Refuse, in one line naming the row, an empty/whitespace text or a label other than 0/1.
+def check_examples(texts, labels, rows, where: str, n_classes: int = 2) -> None:
+    """Refuse, in one line naming the row, an empty/whitespace text or a label outside 0..K-1.
 
     `rows` are the examples' row indices in the source split; `where` names the source
     (e.g. "imdb split 'train'").
     """
+    allowed = "0 or 1" if n_classes == 2 else f"a class id 0..{n_classes - 1}"
     for i, (text, label, row) in enumerate(zip(texts, labels, rows, strict=True)):
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{where} row {int(row)} (sample item {i}): empty or whitespace-only text")
-        if isinstance(label, bool) or label not in (0, 1):
-            raise UserError(f"{where} row {int(row)} (sample item {i}): label {label!r} is not 0 or 1 "
-                            "(probes here are binary; map the labels to 0/1 first)")
+        if isinstance(label, bool) or label not in range(n_classes):
+            raise UserError(f"{where} row {int(row)} (sample item {i}): label {label!r} is not {allowed} "
+                            f"({n_classes} label names given; map the labels to 0..{n_classes - 1} first)")
+
+
+def check_binary_examples(texts, labels, rows, where: str) -> None:
+    """`check_examples` for two classes (labels 0/1)."""
+    check_examples(texts, labels, rows, where, 2)

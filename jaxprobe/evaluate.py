@@ -51,10 +51,14 @@ from jaxprobe.files import (
     save_npy,
 )
 from jaxprobe.prompts import (
+    CHOICE_LINE,
     ICL_SELECTIONS,
     MULTI_TOKEN_POLICIES,
+    SENTENCE_QUERY,
     SST2_LABEL_WORDS,
+    PromptFormat,
     build_prompts,
+    check_query_format,
     default_instruction,
     resolve_label_tokens,
     select_icl_examples,
@@ -101,10 +105,26 @@ class EvaluateConfig:
     dtype: str = "auto"  # float32 on CPUs, bfloat16 on accelerators
     progress: bool = True
     mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
+    # Set by task presets (jaxprobe/tasks.toml); the defaults are the sentence tasks' prompt.
+    query_format: str = SENTENCE_QUERY     # fields {text}, {answer_word}, {choices}
+    choice_format: str = CHOICE_LINE       # one line per option; {letter} = the label word
+    choices_column: str | None = None      # multiple choice: the options listed under the question
+    group_column: str | None = None        # metrics per group as well (MMLU: subject)
+    keep_labels: tuple[int, ...] | None = None  # rows with other labels are dropped first (HS: 0, 1)
+    icl_split: str | None = None           # ICL candidates from this split (None: from `split`)
 
     @property
     def resolved_instruction(self) -> str:
         return default_instruction(self.label_words) if self.instruction is None else self.instruction
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(self.query_format, self.choice_format, self.label_words)
+
+
+# Task fields recorded in settings only when set, so folders written before they existed still match.
+TASK_FIELD_DEFAULTS = {"query_format": SENTENCE_QUERY, "choice_format": CHOICE_LINE, "choices_column": None,
+                       "group_column": None, "keep_labels": None, "icl_split": None}
 
 
 def draw_subsets(n_rows: int, *, pool_size: int, test_size: int, icl_candidates: int,
@@ -147,14 +167,25 @@ def subsets_id(subsets: dict) -> str:
 
 
 class LabelledSplit:
-    """The source split's labels (all rows, as class ids) and its texts (read per row on demand)."""
+    """The source split's labels (all rows, as class ids) and its texts (read per row on demand).
+    With `keep_labels` the split is first filtered to those labels; row indices then count the
+    kept rows (as the reference's `filter(label < 2)` for HS)."""
 
-    def __init__(self, config: EvaluateConfig):
+    def __init__(self, config: EvaluateConfig, split: str | None = None):
         from jaxprobe.data import load_split
 
-        self.source = f"{config.dataset} split {config.split}"
-        self.dataset = load_split(config.dataset, config.split, text_column=config.text_column,
-                                  label_column=config.label_column)
+        split = config.split if split is None else split
+        self.source = f"{config.dataset} split {split}"
+        extra = tuple(c for c in (config.choices_column, config.group_column) if c is not None)
+        self.dataset = load_split(config.dataset, split, text_column=config.text_column,
+                                  label_column=config.label_column, extra_columns=extra)
+        self.choices_column, self.group_column = config.choices_column, config.group_column
+        if config.keep_labels is not None:
+            keep = np.isin(np.asarray(self.dataset["label"]), np.asarray(config.keep_labels))
+            self.dataset = self.dataset.select(np.flatnonzero(keep))
+            self.source += f" (labels {list(config.keep_labels)} kept)"
+            if len(self.dataset) == 0:
+                raise UserError(f"{self.source}: no rows left")
         self.n_rows = len(self.dataset)
         self.label_words = config.label_words
         self._raw_labels = np.asarray(self.dataset["label"])
@@ -184,6 +215,24 @@ class LabelledSplit:
                 raise UserError(f"{self.source} row {row}: text is empty or not a string ({text!r})")
         return list(texts)
 
+    def choices(self, rows: np.ndarray) -> list[list[str]] | None:
+        """Each row's options (multiple choice), or None for a sentence task."""
+        if self.choices_column is None:
+            return None
+        rows = np.asarray(rows, np.int64)
+        options = [list(c) for c in self.dataset.select(rows)[self.choices_column]] if len(rows) else []
+        for row, c in zip(rows, options):
+            if len(c) > len(self.label_words):
+                raise UserError(f"{self.source} row {row}: {len(c)} choices, but only {len(self.label_words)} "
+                                f"label words {list(self.label_words)}")
+        return options
+
+    def groups(self, rows: np.ndarray) -> list[str] | None:
+        if self.group_column is None:
+            return None
+        rows = np.asarray(rows, np.int64)
+        return [str(g) for g in self.dataset.select(rows)[self.group_column]] if len(rows) else []
+
 
 def _check_subsets_record(record: dict, path: Path) -> None:
     """A hand-edited subsets file fails here with one line, not later with a traceback."""
@@ -194,24 +243,51 @@ def _check_subsets_record(record: dict, path: Path) -> None:
         str(record["rows_sha256"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"--subsets {path}: missing or malformed entry ({e})") from None
-    every = np.concatenate(list(rows.values()))
-    if every.size and (every.min() < 0 or every.max() >= n_rows):
-        raise UserError(f"--subsets {path}: a row index is outside 0..{n_rows - 1}")
-    if len(np.unique(every)) != every.size:
-        raise UserError(f"--subsets {path}: pool, test and ICL candidates overlap or repeat a row")
+    icl_rows = record.get("icl_n_rows")
+    same_split = [k for k in SUBSET_ROLES if icl_rows is None or k != "icl_candidates"]
+    for names, limit in ((same_split, n_rows), ([] if icl_rows is None else ["icl_candidates"], icl_rows)):
+        every = np.concatenate([rows[k] for k in names]) if names else np.zeros(0, np.int64)
+        if every.size and (every.min() < 0 or every.max() >= int(limit)):
+            raise UserError(f"--subsets {path}: a row index is outside 0..{int(limit) - 1}")
+        if len(np.unique(every)) != every.size:
+            raise UserError(f"--subsets {path}: pool, test and ICL candidates overlap or repeat a row")
     for key, name in (("pool_size", "pool"), ("test_size", "test"), ("icl_candidates", "icl_candidates")):
         if sizes[key] != len(rows[name]):
             raise UserError(f"--subsets {path}: sizes.{key} is {sizes[key]} but it lists {len(rows[name])} rows")
 
 
-def make_or_load_subsets(config: EvaluateConfig, split: LabelledSplit) -> dict:
-    """The subsets record: drawn from `--seed`, or read from `--subsets` and checked against the data."""
+def _draw_icl_rows(n_rows: int, icl_candidates: int, seed: int, source: str) -> np.ndarray:
+    """ICL candidates from a split of their own (Subj: test; MMLU: dev), in ascending row order."""
+    if icl_candidates > n_rows:
+        raise UserError(f"--icl-candidates {icl_candidates} is more than the {n_rows} rows of {source}")
+    return np.sort(np.random.default_rng([seed, 0x1C1]).permutation(n_rows)[:icl_candidates])
+
+
+def _own_icl_split(config: EvaluateConfig) -> bool:
+    """Whether ICL candidates come from a split of their own; a one-file dataset has one split only,
+    so its candidates are rows of that file apart from pool and test."""
+    from jaxprobe.data import is_single_file
+
+    return config.icl_split not in (None, config.split) and not is_single_file(config.dataset)
+
+
+def make_or_load_subsets(config: EvaluateConfig, split: LabelledSplit,
+                         icl_split: LabelledSplit | None = None) -> dict:
+    """The subsets record: drawn from `--seed`, or read from `--subsets` and checked against the data.
+    With `icl_split`, the ICL candidates are rows of that split instead."""
+    icl_split = icl_split or split
     if config.subsets is None:
         sizes = {k: (DEFAULT_SIZES[k] if getattr(config, k) is None else getattr(config, k))
                  for k in DEFAULT_SIZES}
-        drawn = draw_subsets(split.n_rows, **sizes)
+        own = icl_split is not split
+        drawn = draw_subsets(split.n_rows, **{**sizes, "icl_candidates": 0 if own else sizes["icl_candidates"]})
+        if own:
+            drawn["icl_candidates"] = _draw_icl_rows(icl_split.n_rows, sizes["icl_candidates"], sizes["seed"],
+                                                     icl_split.source)
         record = {"format": SUBSETS_FORMAT, "dataset": config.dataset, "split": config.split,
                   "n_rows": split.n_rows, "sizes": sizes, "rows": {k: v.tolist() for k, v in drawn.items()}}
+        if own:
+            record.update(icl_split=config.icl_split, icl_n_rows=icl_split.n_rows)
     else:
         path = Path(config.subsets)
         if path.is_dir():
@@ -232,8 +308,13 @@ def make_or_load_subsets(config: EvaluateConfig, split: LabelledSplit) -> dict:
         if record["n_rows"] != split.n_rows:
             raise UserError(f"--subsets {path} was drawn from {record['n_rows']} rows, but "
                             f"{split.source} has {split.n_rows}")
-    rows = np.concatenate([subset_rows(record, k) for k in SUBSET_ROLES])
-    digest = rows_digest(split.texts(rows), split.labels(rows))
+        if record.get("icl_split") != (config.icl_split if _own_icl_split(config) else None):
+            raise UserError(f"--subsets {path} drew its ICL candidates from split {record.get('icl_split')!r}, "
+                            f"this run from {config.icl_split!r}")
+    rows = np.concatenate([subset_rows(record, k) for k in ("pool", "test")])
+    icl = subset_rows(record, "icl_candidates")
+    digest = rows_digest(split.texts(rows) + icl_split.texts(icl),
+                         np.concatenate([split.labels(rows), icl_split.labels(icl)]))
     if config.subsets is not None and digest != record["rows_sha256"]:
         raise UserError(f"--subsets {config.subsets}: its rows hold different texts or labels in "
                         f"{split.source} (was it made from another dataset or split?)")
@@ -252,7 +333,9 @@ def _settings(config: EvaluateConfig, subsets: dict, lm, label_token_ids: list[i
             "instruction": config.resolved_instruction, "icl": config.icl,
             "icl_selection": config.icl_selection, "icl_seed": config.icl_seed,
             "icl_rows": icl_rows.tolist(), "dtype": config.dtype, "shard_size": config.shard_size,
-            "batch_size": config.batch_size}  # a batch's padding moves logits by ~1e-5
+            "batch_size": config.batch_size,  # a batch's padding moves logits by ~1e-5
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, d in TASK_FIELD_DEFAULTS.items()
+               if (v := getattr(config, k)) != d}}
 
 
 def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
@@ -269,16 +352,21 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
         raise UserError(f"--out {out} is a file, not a folder")
     from jaxprobe.runner import resolve_dtype
 
+    check_query_format(config.query_format, "query format")
+    if ("{choices}" in config.query_format) != (config.choices_column is not None):
+        raise UserError("a query format with {choices} needs a choices column, and the other way round")
     config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype))  # recorded concrete
     split = LabelledSplit(config)
-    subsets = make_or_load_subsets(config, split)
+    icl_split = LabelledSplit(config, config.icl_split) if _own_icl_split(config) else split
+    subsets = make_or_load_subsets(config, split, icl_split)
     k = len(config.label_words)
     candidate_rows = subset_rows(subsets, "icl_candidates")
-    icl_positions = select_icl_examples(split.labels(candidate_rows), config.icl, n_classes=k,
+    icl_positions = select_icl_examples(icl_split.labels(candidate_rows), config.icl, n_classes=k,
                                         seed=config.icl_seed, selection=config.icl_selection)
     icl_rows = candidate_rows[icl_positions]
-    icl_examples = [(text, config.label_words[label])
-                    for text, label in zip(split.texts(icl_rows), split.labels(icl_rows))]
+    icl_choices = icl_split.choices(icl_rows) or [None] * len(icl_rows)
+    icl_examples = [(text, config.label_words[label], *([c] if c is not None else []))
+                    for text, label, c in zip(icl_split.texts(icl_rows), icl_split.labels(icl_rows), icl_choices)]
 
     if lm is None:
         from jaxprobe.runner import load_model
@@ -286,7 +374,8 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
         lm = load_model(config.model, dtype=config.dtype, mesh_shape=config.mesh)
     rows = {name: subset_rows(subsets, name) for name in SUBSET_NAMES if len(subsets["rows"][name])}
     prompts = {name: build_prompts(split.texts(r), instruction=config.resolved_instruction,
-                                   answer_word=config.answer_word, examples=icl_examples)
+                                   answer_word=config.answer_word, examples=icl_examples,
+                                   fmt=config.prompt_format, choices=split.choices(r))
                for name, r in rows.items()}
     decode = getattr(lm.tokenizer, "decode", None)
     label_token_ids = resolve_label_tokens(lm.tokenize, prompts["pool"][0], config.label_words,
@@ -299,13 +388,13 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
                                                    "fingerprint": lm.fingerprint},
             "dataset": config.dataset, "split": config.split, "subsets_id": subsets["subsets_id"],
             "sizes": subsets["sizes"],
-            "prompt_format": "{instruction}" + "Sentence: '{s}' \\n{answer_word}: {label}\\n\\n" * bool(config.icl)
-                             + "Sentence: '{s}' \\n{answer_word}:",
+            "prompt_format": _describe_format(config),
             "instruction": config.resolved_instruction, "answer_word": config.answer_word,
             "label_words": list(config.label_words), "label_token_ids": label_token_ids,
             "label_tokens": [decode([t]) if decode else None for t in label_token_ids],
             "icl": {"n": config.icl, "selection": config.icl_selection, "seed": config.icl_seed,
-                    "rows": icl_rows.tolist(), "labels": [w for _, w in icl_examples]},
+                    "rows": icl_rows.tolist(), "labels": [e[1] for e in icl_examples],
+                    **({"split": config.icl_split} if config.icl_split is not None else {})},
             "example_prompt": prompts["pool"][0], "settings": settings})
     if not (out / "subsets.json").is_file():
         save_json(out / "subsets.json", {k_: v for k_, v in subsets.items() if k_ != "subsets_id"})
@@ -319,7 +408,7 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
         _evaluate_shards(lm, ids, out, config=config, label_token_ids=label_token_ids, prefix=prefix, rows=rows)
         for name in todo:
             _finish_subset(out / name, rows[name], split.labels(rows[name]), k, config.shard_size,
-                           extra={"prefix_tokens_cached": len(prefix)})
+                           extra={"prefix_tokens_cached": len(prefix)}, groups=split.groups(rows[name]))
     metrics = processes.decided(lambda: {name: _finished_subset(out, name, rows[name], split.labels(rows[name]), k)
                                          for name in rows})
     for name, m in metrics.items():
@@ -372,11 +461,24 @@ def _evaluate_shards(lm, prompts: dict[str, list[list[int]]], out: Path, *, conf
 
 
 def _finish_subset(subset_dir: Path, rows: np.ndarray, labels: np.ndarray, n_classes: int, shard_size: int,
-                   extra: dict) -> None:
+                   extra: dict, groups: list[str] | None = None) -> None:
     if not processes.is_writer():
         return
     ShardedArrayWriter(subset_dir, len(rows), (n_classes,), shard_size).merge(subset_dir / "logits.npy")
     logits = load_npy(subset_dir / "logits.npy")
     save_npy(subset_dir / "labels.npy", labels)
     save_npy(subset_dir / "indices.npy", rows)
-    save_json(subset_dir / "metrics.json", {**label_metrics(logits, labels), **extra})
+    by_group = {}
+    if groups is not None:  # e.g. MMLU per subject: n, accuracy, cross-entropy of that subject's rows
+        groups = np.asarray(groups)
+        for g in sorted(set(groups.tolist())):
+            m = label_metrics(logits[groups == g], labels[groups == g])
+            by_group[g] = {key: m[key] for key in ("n", "accuracy", "cross_entropy")}
+    save_json(subset_dir / "metrics.json", {**label_metrics(logits, labels), **extra,
+                                            **({"by_group": by_group} if groups is not None else {})})
+
+
+def _describe_format(config: EvaluateConfig) -> str:
+    """The prompt's shape for meta.json, e.g. "{instruction}Sentence: '{s}' \\n{answer_word}:"."""
+    query = config.query_format.replace("{text}", "{s}").replace("\n", "\\n")
+    return "{instruction}" + (query + " {label}\\n\\n") * bool(config.icl) + query

@@ -39,12 +39,23 @@ from pathlib import Path
 import numpy as np
 
 from jaxprobe import data, processes, prompts
-from jaxprobe.active.estimators import ACQUISITIONS, ase_estimate, mean_loss
+from jaxprobe.active.estimators import (
+    ACQUISITIONS,
+    acquisition_scores,
+    ase_estimate,
+    mean_loss,
+    per_example_loss,
+)
 from jaxprobe.active.inputs import check_same_rows, load_evaluation
 from jaxprobe.active.sweep import run_sweep, summarise_sweep
 from jaxprobe.errors import UserError
-from jaxprobe.evaluate import DEFAULT_SIZES, EvaluateConfig, run_evaluate
-from jaxprobe.extract import ExtractConfig, extract
+from jaxprobe.evaluate import (
+    DEFAULT_SIZES,
+    TASK_FIELD_DEFAULTS,
+    EvaluateConfig,
+    run_evaluate,
+)
+from jaxprobe.extract import TASK_TEMPLATE, ExtractConfig, extract
 from jaxprobe.files import (
     claim_folder,
     is_leftover,
@@ -59,6 +70,7 @@ from jaxprobe.report import (
     METHOD_NAMES,
     active_table,
     finite_or_none,
+    group_table,
     plot_active_curves,
     probe_experiment_report,
     table_budgets,
@@ -95,6 +107,25 @@ class ProbeExperimentConfig:
     label_column: str = "label"
     mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
     progress: bool = True
+    task: str | None = None  # a task preset or file: its data, splits, label words, raw and few-shot prompts
+
+
+def _probe_task(cfg: ProbeExperimentConfig):
+    """(cfg with the task's dataset, splits and templates `raw` + the task's own prompt, the task)."""
+    from jaxprobe.tasks import load_task
+
+    if cfg.task is None:
+        return cfg, None
+    task = load_task(cfg.task)
+    templates = ("raw", TASK_TEMPLATE) if cfg.templates == EXPERIMENT_TEMPLATES else cfg.templates
+    return dataclasses.replace(cfg, dataset=task.dataset, train_split=task.probe_splits[0],
+                               test_split=task.probe_splits[1], templates=templates), task
+
+
+def _variant_name(template: str, cfg: ProbeExperimentConfig, task) -> str:
+    if template == TASK_TEMPLATE and task is not None:
+        return f"{task.name}-{len(prompts.parse_row_slice(cfg.demonstrations_from))}shot"
+    return prompts.variant_name(template)
 
 
 def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = print) -> dict:
@@ -102,27 +133,33 @@ def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = pr
     from jaxprobe.runner import load_model, resolve_dtype
 
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype))
-    if data.is_single_file(cfg.dataset):
+    cfg, task = _probe_task(cfg)
+    one_split = cfg.train_split == cfg.test_split  # the test sample then follows the train one
+    if data.is_single_file(cfg.dataset) and task is None:
         raise UserError(f"--dataset {cfg.dataset} is one file, so its train and test samples would "
                         "be the same rows; run `jaxprobe extract` on a train and a test file and "
                         "`jaxprobe probe` on the two stores instead")
     if len(set(cfg.templates)) != len(cfg.templates):
         raise UserError(f"--templates repeats a template: {', '.join(cfg.templates)}")
     for t in cfg.templates:
-        prompts.get_template(t)
+        if t != TASK_TEMPLATE or task is None:
+            prompts.get_template(t)
     out = Path(cfg.out)
-    jobs = [(t, split, n) for t in cfg.templates
-            for split, n in ((cfg.train_split, cfg.n_train), (cfg.test_split, cfg.n_test))]
+    jobs = [(t, split, n, role) for t in cfg.templates
+            for split, n, role in ((cfg.train_split, cfg.n_train, "train"), (cfg.test_split, cfg.n_test, "test"))]
     n_steps = len(jobs) + 1
-    log(f"probe-experiment: {cfg.model} on {cfg.dataset} ({cfg.n_train} train / {cfg.n_test} test), "
+    log(f"probe-experiment: {cfg.model} on {cfg.task or cfg.dataset} ({cfg.n_train} train / {cfg.n_test} test), "
         f"templates {', '.join(cfg.templates)}, recipes {', '.join(cfg.recipes)}, {cfg.seeds} seeds "
         f"-> {out} (rerun the same command to resume)")
     log(f"loading model {cfg.model} ({cfg.dtype})")
     lm = load_model(cfg.model, dtype=cfg.dtype, mesh_shape=cfg.mesh)
     stores = {}
-    for step, (template, split, n) in enumerate(jobs, 1):
-        name = f"{prompts.variant_name(template)}-{split}".replace("/", "_")
-        store_dir = out / "stores" / (name if template in prompts.TEMPLATES else f"custom{step}-{split}")
+    names = {t: _variant_name(t, cfg, task) for t in cfg.templates}
+    for step, (template, split, n, role) in enumerate(jobs, 1):
+        label = role if one_split else split  # one split: name the stores by their role
+        name = f"{names[template]}-{label}".replace("/", "_")
+        known = template in prompts.TEMPLATES or (template == TASK_TEMPLATE and task is not None)
+        store_dir = out / "stores" / (name if known else f"custom{step}-{label}")
         log(f"[{step}/{n_steps}] extract {template!r} {split} ({n} texts) -> {store_dir}")
         extract(ExtractConfig(
             out=str(store_dir), model=cfg.model, dataset=cfg.dataset, split=split, n=n,
@@ -130,24 +167,43 @@ def probe_experiment(cfg: ProbeExperimentConfig, log: Callable[[str], None] = pr
             demonstrations_split=cfg.train_split, positions=cfg.positions,
             batch_size=cfg.batch_size, shard_size=cfg.shard_size, dtype=cfg.dtype,
             text_column=cfg.text_column, label_column=cfg.label_column,
-            progress=cfg.progress), lm=lm, log=log)
-        stores[(template, split)] = str(store_dir)
+            progress=cfg.progress, task=cfg.task, skip=cfg.n_train if one_split and role == "test" else 0),
+            lm=lm, log=log)
+        stores[(template, role)] = str(store_dir)
     if not processes.is_writer():
         return {}  # the model's part is done; probes train on process 0's stores, on its own
     log(f"[{n_steps}/{n_steps}] probe: {', '.join(cfg.recipes)} -> {out / 'probes'}")
-    names = {t: prompts.variant_name(t) for t in cfg.templates}
     results = probe(ProbeConfig(
-        train=tuple((names[t], (stores[(t, cfg.train_split)],)) for t in cfg.templates),
-        test=tuple((names[t], (stores[(t, cfg.test_split)],)) for t in cfg.templates),
+        train=tuple((names[t], (stores[(t, "train")],)) for t in cfg.templates),
+        test=tuple((names[t], (stores[(t, "test")],)) for t in cfg.templates),
         out=str(out / "probes"), recipes=cfg.recipes, seeds=cfg.seeds, progress=cfg.progress),
         log=log)
-    results["experiment"] = {"model": cfg.model, "dataset": cfg.dataset, "n_train": cfg.n_train,
+    results["experiment"] = {"model": cfg.model, "dataset": cfg.task or cfg.dataset, "n_train": cfg.n_train,
                              "n_test": cfg.n_test}
     report = probe_experiment_report(results)
     save_text(out / "report.md", report + "\n")
     log("")
     log(report)
     log(f"\nwrote {out / 'report.md'}")
+    return results
+
+
+def probe_experiment_tasks(cfg: ProbeExperimentConfig, log: Callable[[str], None] = print) -> dict:
+    """`probe-experiment --task all`: every preset into OUT/<task>/, then OUT/report.md with each
+    task's report one after another."""
+    from jaxprobe.tasks import presets
+
+    out = Path(cfg.out)
+    results, sections = {}, []
+    for name in presets():
+        log(f"== task {name} -> {out / name}")
+        results[name] = probe_experiment(dataclasses.replace(cfg, task=name, out=str(out / name)), log=log)
+        if results[name]:
+            body = probe_experiment_report(results[name]).replace("\n## ", "\n### ").split("\n", 1)[1]
+            sections.append(f"## {name}\n{body}")
+    if processes.is_writer():
+        save_text(out / "report.md", "# probe-experiment across tasks\n\n" + "\n\n".join(sections) + "\n")
+        log(f"wrote {out / 'report.md'}")
     return results
 
 
@@ -186,6 +242,8 @@ class ActiveExperimentConfig:
     paper_scale: bool = False
     evaluate: EvaluateConfig = EvaluateConfig(out="")
     progress: bool = True
+    truth: str = "test"        # the subset whose loss is the true risk (a task's; FPB: pool)
+    task: str | None = None    # the task preset's name, for the report
 
     @property
     def out_dir(self) -> Path:
@@ -208,11 +266,51 @@ class ActiveExperimentConfig:
         ev = dataclasses.asdict(self.resolved_evaluate)
         for key in ("out", "batch_size", "progress", "model", "icl", "subsets", "mesh"):
             ev.pop(key)
+        for key, default in TASK_FIELD_DEFAULTS.items():  # recorded only when a task sets them
+            if ev[key] == default:
+                ev.pop(key)
+            elif isinstance(ev[key], tuple):
+                ev[key] = list(ev[key])
         ev["label_words"] = list(ev["label_words"])
+        extra = {k: getattr(self, k) for k, d in (("truth", "test"), ("task", None)) if getattr(self, k) != d}
         return {"model": self.model, "surrogate_model": self.surrogate_model, "icl": self.icl,
                 "acquisitions": list(self.acquisitions), "ase": self.ase, "runs": self.runs,
                 "size": self.size, "clip": self.clip, "temperature": self.temperature,
-                "sweep_seed": self.sweep_seed, "budget_offset": self.budget_offset, "evaluate": ev}
+                "sweep_seed": self.sweep_seed, "budget_offset": self.budget_offset, "evaluate": ev, **extra}
+
+
+def with_task(config: ActiveExperimentConfig, task, *, icl: int | None = None,
+              keep: dict | None = None) -> ActiveExperimentConfig:
+    """`config` for a task preset (`tasks.Task`): its data, prompt, ICL count, truth and subset sizes
+    (the paper's with `paper_scale`). Subset sizes already set in `config.evaluate` win, and so do
+    `icl` and the evaluate fields in `keep` (flags the user gave)."""
+    fields = {**task.evaluate_fields(config.paper_scale), **(keep or {})}
+    for key in DEFAULT_SIZES:
+        if getattr(config.evaluate, key) is not None or config.evaluate.subsets is not None:
+            fields[key] = getattr(config.evaluate, key)
+    return dataclasses.replace(config, evaluate=dataclasses.replace(config.evaluate, **fields),
+                               icl=task.icl if icl is None else icl, truth=task.truth, task=task.name)
+
+
+def active_experiment_tasks(config: ActiveExperimentConfig, task_list: list, *, icl: int | None = None,
+                            keep: dict | None = None, log=print) -> dict:
+    """`active-experiment --task NAME|all`: one experiment per task, each in OUT/<task> (one task with
+    --out: OUT itself), then with several tasks OUT/report.md, the tasks side by side."""
+    from jaxprobe.report import tasks_report
+
+    base = config.out_dir
+    results = {}
+    for task in task_list:
+        out = base / task.name if len(task_list) > 1 or config.out is None else base
+        log(f"== task {task.name}: {task.description} -> {out}")
+        results[task.name] = active_experiment(dataclasses.replace(
+            with_task(config, task, icl=icl, keep=keep), out=str(out)), log=log)
+    if len(task_list) > 1 and processes.is_writer():
+        report = tasks_report(results)
+        save_text(base / "report.md", report)
+        log("\n" + report)
+        log(f"wrote {base / 'report.md'}")
+    return results
 
 
 def _sweep(target, surrogate, *, acquisition: str, config: ActiveExperimentConfig, true_risk: float,
@@ -255,7 +353,9 @@ def _check_config(config: ActiveExperimentConfig) -> None:
     pool = config.resolved_evaluate.pool_size
     if pool is not None and config.size > pool:
         raise UserError(f"--size {config.size} is larger than the pool (--pool-size {pool})")
-    if config.resolved_evaluate.test_size == 0:
+    if config.truth not in TRUTHS:
+        raise UserError(f"truth must be one of {', '.join(TRUTHS)}, not {config.truth!r}")
+    if config.resolved_evaluate.test_size == 0 and config.truth == "test":
         raise UserError("--test-size 0: the experiment needs a test subset for the true risk")
 
 
@@ -289,26 +389,37 @@ def active_experiment(config: ActiveExperimentConfig, *, log=print) -> dict:
         return {}  # the models' part is done; the sweeps run on process 0's evaluations, on its own
     surrogate = evaluations.pop("surrogate")
     per_target = {}
+    truth_names = TRUTHS if config.resolved_evaluate.test_size else ("pool",)
     for target_name, (folder, offset) in evaluations.items():
-        pool, test = load_evaluation(folder, "pool"), load_evaluation(folder, "test")
+        pool = load_evaluation(folder, "pool")
+        test = load_evaluation(folder, "test") if "test" in truth_names else None
         check_same_rows(pool, surrogate, names=("target", "surrogate"))
-        truths = {"test": mean_loss(test.logits, test.labels), "pool": mean_loss(pool.logits, pool.labels)}
+        truths = {"pool": mean_loss(pool.logits, pool.labels)}
+        if test is not None:
+            truths = {"test": mean_loss(test.logits, test.labels), **truths}
         estimates = {}
         for method in ("iid", *config.acquisitions):
             folder = out / "sweeps" / target_name / method
             log(f"sweep: target {target_name}, {METHOD_NAMES.get(method, method)}, {config.runs} runs x "
                 f"{config.size} labels" + (" (done before)" if (folder / "estimates.npy").is_file() else ""))
-            estimates[method] = _sweep(pool, surrogate, acquisition=method, config=config, true_risk=truths["test"],
-                                       folder=folder)
+            estimates[method] = _sweep(pool, surrogate, acquisition=method, config=config,
+                                       true_risk=truths[config.truth], folder=folder)
         if config.ase:  # labels play no part: one constant estimate, a single "run"
             estimates["ase"] = np.full((config.size, 1), ase_estimate(pool.logits, surrogate.logits,
                                                                        config.temperature))
         summaries = {truth: {m: summarise_sweep(e, truths[truth], None if m == "iid" else estimates["iid"],
                                                 offset=offset)
-                             for m, e in estimates.items()} for truth in TRUTHS}
+                             for m, e in estimates.items()} for truth in truth_names}
+        # The paper's correlation table: how well the CE acquisition score tracks the target's loss.
+        ce = acquisition_scores("cross-entropy", pool.logits, surrogate.logits, pool.labels,
+                                temperature=config.temperature)
         per_target[target_name] = {
             "offset": offset, "true_risk": truths,
-            "accuracy": {"pool": pool.metrics["accuracy"], "test": test.metrics["accuracy"]},
+            "pearson_ce_loss": float(np.corrcoef(ce, per_example_loss(pool.logits, pool.labels))[0, 1]),
+            "accuracy": {name: ev.metrics["accuracy"] for name, ev in (("pool", pool), ("test", test))
+                         if ev is not None},
+            "by_group": {name: ev.metrics["by_group"] for name, ev in (("pool", pool), ("test", test))
+                         if ev is not None and "by_group" in ev.metrics},
             "median_se": {truth: {m: np.asarray(sm["median_squared_error"], np.float64) for m, sm in by.items()}
                           for truth, by in summaries.items()},
             "relative_error": {truth: {m: np.asarray(sm["relative_error"], np.float64) for m, sm in by.items()
@@ -346,34 +457,44 @@ def _run_evaluations(config: ActiveExperimentConfig, out: Path, log) -> dict:
 
 
 def _report(config: ActiveExperimentConfig, out: Path, per_target: dict, log) -> dict:
-    tables = {truth: active_table(per_target, truth, config.runs, table_budgets(config.size)) for truth in TRUTHS}
+    truths = tuple(t for t in TRUTHS if t in next(iter(per_target.values()))["true_risk"])
+    main_truth = config.truth
+    tables = {truth: active_table(per_target, truth, config.runs, table_budgets(config.size)) for truth in truths}
     offset_note = (f"Zero-shot target: active methods at a budget of B labels used B - {config.icl} "
                    f"acquired labels (the surrogate already used {config.icl} in-context examples), "
                    f"as in the paper; '—' where that is none.\n") if config.budget_offset else ""
-    floor = {t: (info["true_risk"]["pool"] - info["true_risk"]["test"]) ** 2 for t, info in per_target.items()}
-    text = (f"# Active testing on {config.evaluate.dataset}: {config.model}, surrogate "
+    text = (f"# Active testing on {config.task or config.evaluate.dataset}: {config.model}, surrogate "
             f"{config.surrogate_model or config.model} {config.icl}-shot\n\n{offset_note}\n"
-            + tables["test"] + "\n" + tables["pool"] + "\n"
-            + "Floor of the test-truth error, (R_pool - R_test)^2 x10^4: "
-            + ", ".join(f"{t} {v * 1e4:.4f}" for t, v in floor.items()) + "\n")
+            + "".join(tables[t] + "\n" for t in (main_truth, *(t for t in truths if t != main_truth))))
+    if "test" in truths:
+        floor = {t: (info["true_risk"]["pool"] - info["true_risk"]["test"]) ** 2 for t, info in per_target.items()}
+        text += ("Floor of the test-truth error, (R_pool - R_test)^2 x10^4: "
+                 + ", ".join(f"{t} {v * 1e4:.4f}" for t, v in floor.items()) + "\n")
+    if config.task is not None:
+        text += ("\nPearson correlation of the CE acquisition score with the target's per-example loss "
+                 "(pool): " + ", ".join(f"{t} {info['pearson_ce_loss']:.3f}" for t, info in per_target.items())
+                 + "\n")
+    text += group_table(per_target)
     save_text(out / "table.md", text)
-    plot_active_curves(per_target, "test", out / "squared_error.png", out / "relative_error.png")
-    lines = {truth: verdicts(per_target, truth) for truth in TRUTHS}
+    plot_active_curves(per_target, main_truth, out / "squared_error.png", out / "relative_error.png")
+    lines = {truth: verdicts(per_target, truth) for truth in truths}
     results = {"format": EXPERIMENT_FORMAT, "settings": config.settings(), "targets": {
         t: {"true_risk": info["true_risk"], "accuracy": info["accuracy"], "budget_offset": info["offset"],
-            "median_se": {tr: {m: finite_or_none(c) for m, c in info["median_se"][tr].items()} for tr in TRUTHS},
+            "median_se": {tr: {m: finite_or_none(c) for m, c in info["median_se"][tr].items()} for tr in truths},
             "relative_error": {tr: {m: finite_or_none(c) for m, c in info["relative_error"][tr].items()}
-                               for tr in TRUTHS},
+                               for tr in truths},
             "median_relative_error": {tr: {m: float(np.median(c[np.isfinite(c)]))
                                            for m, c in info["relative_error"][tr].items() if np.isfinite(c).any()}
-                                      for tr in TRUTHS}}
+                                      for tr in truths},
+            **({"pearson_ce_loss": info["pearson_ce_loss"]} if config.task is not None else {}),
+            **({"by_group": info["by_group"]} if info["by_group"] else {})}
         for t, info in per_target.items()}, "verdicts": lines}
     save_json(out / "results.json", results)
     for t, info in per_target.items():
-        log(f"target {t}: test loss {info['true_risk']['test']:.4f}, pool loss {info['true_risk']['pool']:.4f}, "
-            f"test accuracy {info['accuracy']['test']:.4f}")
-    log("\n" + tables["test"])
-    for line in lines["test"] + lines["pool"]:
+        log(f"target {t}: " + ", ".join(f"{tr} loss {info['true_risk'][tr]:.4f}" for tr in truths)
+            + f", {truths[0]} accuracy {info['accuracy'][truths[0]]:.4f}")
+    log("\n" + tables[main_truth])
+    for line in [line for t in truths for line in lines[t]]:
         log(line)
     log(f"wrote {out / 'table.md'}, {out / 'squared_error.png'}, {out / 'relative_error.png'}, "
         f"{out / 'results.json'}")

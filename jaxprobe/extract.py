@@ -24,6 +24,9 @@ from jaxprobe.store import write_store
 PREFIX_CACHE_MODES = ("auto", "on", "off")
 
 
+TASK_TEMPLATE = "task"  # with --task: the task's own prompt (instruction, demonstrations, query)
+
+
 MIN_AUTO_PREFIX_TOKENS = 32  # below this a shared prefix is not worth a separate pass
 
 
@@ -40,7 +43,7 @@ class ExtractConfig:
     template: str = "raw"
     demonstrations_from: str = "0:5"
     demonstrations_split: str = "train"
-    label_names: tuple[str, str] = prompts.LABEL_NAMES
+    label_names: tuple[str, ...] = prompts.LABEL_NAMES  # one per class id; K = how many
     positions: str = "last"
     batch_size: int = 8
     shard_size: int = 32
@@ -51,6 +54,8 @@ class ExtractConfig:
     label_column: str = "label"
     progress: bool = True
     mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
+    task: str | None = None  # a task preset or file: its columns, label filter, label words, prompt
+    skip: int = 0            # sample = rows skip..skip+n-1 of the shuffle (a test sample apart from train)
 
 
 @dataclass(frozen=True)
@@ -66,38 +71,80 @@ def _where(dataset: str, split: str) -> str:
     return f"{dataset} split {split!r}"
 
 
+def _load(cfg: ExtractConfig, split: str, task):
+    """One split, filtered to the task's labels (HS keeps label < 2) when a task is given."""
+    extra = (task.choices_column,) if task is not None and task.choices_column else ()
+    ds = data.load_split(cfg.dataset, split, text_column=cfg.text_column, label_column=cfg.label_column,
+                         extra_columns=extra)
+    if task is not None and task.keep_labels is not None:
+        ds = ds.select(np.flatnonzero(np.isin(np.asarray(ds["label"]), task.keep_labels)))
+    return ds
+
+
+def _resolve_task(cfg: ExtractConfig):
+    """(cfg with the task's columns and label words, the task or None)."""
+    from jaxprobe.tasks import load_task
+
+    if cfg.task is None:
+        return cfg, None
+    task = load_task(cfg.task)
+    return dataclasses.replace(cfg, text_column=task.text_column, label_column=task.label_column,
+                               label_names=task.label_words), task
+
+
+def _template(cfg: ExtractConfig, task) -> prompts.Template:
+    if cfg.template != TASK_TEMPLATE:
+        return prompts.get_template(cfg.template)
+    if task is None:
+        raise UserError(f"--template {TASK_TEMPLATE} needs --task (the task's prompt)")
+    return prompts.Template(TASK_TEMPLATE, f"the {task.name} task's prompt: instruction, demonstrations "
+                            "and query in its format", lambda text, block: text, True)
+
+
 def prepare_prompts(cfg: ExtractConfig) -> PreparedPrompts:
-    """The sample (`shuffle(seed).select(range(n))`), its prompts and labels, checked row by row."""
-    template = prompts.get_template(cfg.template)
+    """The sample (`shuffle(seed).select(range(skip, skip + n))`), its prompts and labels, checked row
+    by row. With a task and `--template task`: instruction, demonstrations and query in the task's
+    format (the active-testing prompt), label words from the task."""
+    cfg, task = _resolve_task(cfg)
+    template = _template(cfg, task)
     prompts.parse_row_slice(cfg.demonstrations_from)  # a malformed flag is refused even where unused
-    if cfg.n < 1:
-        raise UserError(f"--n must be at least 1, not {cfg.n}")
-    ds = data.load_split(cfg.dataset, cfg.split, text_column=cfg.text_column,
-                         label_column=cfg.label_column)
-    sample, rows = data.reference_sample_rows(ds, cfg.n, cfg.seed)
+    if cfg.n < 1 or cfg.skip < 0:
+        raise UserError(f"--n must be at least 1 and --skip at least 0, not {cfg.n} and {cfg.skip}")
+    ds = _load(cfg, cfg.split, task)
+    sample, rows = data.reference_sample_rows(ds, cfg.skip + cfg.n, cfg.seed)
+    if cfg.skip:
+        sample, rows = sample.select(range(cfg.skip, cfg.skip + cfg.n)), rows[cfg.skip:]
     texts, labels = sample["text"], sample["label"]
-    data.check_binary_examples(texts, labels, rows, _where(cfg.dataset, cfg.split))
+    data.check_examples(texts, labels, rows, _where(cfg.dataset, cfg.split), len(cfg.label_names))
     block, demo_rows, leaked = None, [], []
     if template.uses_demonstrations:
         shots = prompts.parse_row_slice(cfg.demonstrations_from)
         if template.n_shots is not None and len(shots) != template.n_shots:
             raise UserError(f"--demonstrations-from {cfg.demonstrations_from} gives {len(shots)} "
                             f"demonstrations; template {template.name!r} needs {template.n_shots}")
-        demo_ds = ds if cfg.demonstrations_split == cfg.split else data.load_split(
-            cfg.dataset, cfg.demonstrations_split, text_column=cfg.text_column,
-            label_column=cfg.label_column)
+        demo_ds = ds if cfg.demonstrations_split == cfg.split else _load(cfg, cfg.demonstrations_split, task)
         demo_sample, all_demo_rows = data.reference_sample_rows(demo_ds, shots.stop, cfg.seed)
         demos = demo_sample.select(shots)
         demo_rows = [int(r) for r in all_demo_rows[shots.start:]]
-        data.check_binary_examples(demos["text"], demos["label"], demo_rows,
-                                   _where(cfg.dataset, cfg.demonstrations_split))
-        block = prompts.demonstration_block(demos["text"], demos["label"],
-                                              label_names=cfg.label_names)
+        data.check_examples(demos["text"], demos["label"], demo_rows,
+                            _where(cfg.dataset, cfg.demonstrations_split), len(cfg.label_names))
+        if template.name == TASK_TEMPLATE:
+            choices = demos[task.choices_column] if task.choices_column else [None] * len(demos)
+            block = prompts.icl_context(task.instruction, [
+                (t, task.label_words[y], *([list(c)] if c is not None else []))
+                for t, y, c in zip(demos["text"], demos["label"], choices)], task.answer_word, task.prompt_format)
+        else:
+            block = prompts.demonstration_block(demos["text"], demos["label"], label_names=cfg.label_names)
         if cfg.demonstrations_split == cfg.split:
             demo_set = set(demo_rows)
             leaked = [i for i, r in enumerate(rows) if int(r) in demo_set]
-    return PreparedPrompts(template.prompts(texts, block), [int(x) for x in labels], rows,
-                           demo_rows, leaked)
+    if template.name == TASK_TEMPLATE:  # block = instruction + demonstrations, then each query
+        choices = [list(c) for c in sample[task.choices_column]] if task.choices_column else [None] * len(texts)
+        texts_out = [block + prompts.query_block(t, task.answer_word, task.prompt_format, c)
+                     for t, c in zip(texts, choices)]
+    else:
+        texts_out = template.prompts(texts, block)
+    return PreparedPrompts(texts_out, [int(x) for x in labels], rows, demo_rows, leaked)
 
 
 def extract(cfg: ExtractConfig, lm=None, log: Callable[[str], None] = print) -> Path:
@@ -114,6 +161,7 @@ def extract(cfg: ExtractConfig, lm=None, log: Callable[[str], None] = print) -> 
 
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype))  # what a store records is concrete
     prepared = prepare_prompts(cfg)
+    cfg, task = _resolve_task(cfg)
     if prepared.leaked_items:
         log(f"note: sample items {_ranges(prepared.leaked_items)} are also the demonstrations (the "
             "reference's leakage); --demonstrations-from a slice past --n avoids it")
@@ -145,10 +193,11 @@ def extract(cfg: ExtractConfig, lm=None, log: Callable[[str], None] = print) -> 
                             "label_names": list(cfg.label_names)}
                            if prepared.demonstration_rows else None),
         "text_column": cfg.text_column, "label_column": cfg.label_column,
+        **({"task": cfg.task} if cfg.task is not None else {}), **({"skip": cfg.skip} if cfg.skip else {}),
         "positions": cfg.positions, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "prefix_tokens": len(prefix),
     }
-    template = prompts.get_template(cfg.template)
+    template = _template(cfg, task)
     describe = {
         "model": {"name": lm.name, "source": cfg.model, "fingerprint": lm.fingerprint,
                   "n_layers": lm.config.n_layers, "d_model": lm.config.d_model, "dtype": cfg.dtype},

@@ -6,9 +6,10 @@ API (what `jaxprobe.probing` calls):
     res = train_probe_sweep(
         train=[(x_train, y_train), ...],   # one pair per variant (prompt template):
                                            #   x float32 [n, n_hook_points, d] (np.memmap is fine),
-                                           #   y int [n] in {0, 1}
+                                           #   y int [n] in 0..n_classes-1
         test=[(x_test, y_test), ...],      # same variants, hook points and d; n may differ
         recipe="vector-mlp",               # or "logreg"
+        n_classes=2,                       # K: vector-mlp has K outputs, logreg is multinomial if K > 2
         seeds=range(10), layers=None,      # layers: None = every hook point, else indices
         checkpoint_dir=None,               # a folder: a killed sweep resumes from it
         progress=True, variant_names=("raw", "vector-5shot"))
@@ -23,6 +24,7 @@ Recipes:
   of the bias-corrected second moment, decay `lr * wd * p` on the pre-step weights, biases
   included); mean cross-entropy over batches of 128 rows, reshuffled every epoch, the last batch
   smaller (PyTorch `DataLoader(shuffle=True)`); 25 epochs; no input normalisation.
+  With K > 2 classes the last layer has K outputs (Linear(128, K)); K = 2 is the reference.
   `final_train_loss` is the loss of the last epoch's last batch, computed before its update;
   `test_accuracy` is the accuracy after the last epoch. (The reference also scores the test set
   after every earlier epoch and throws those numbers away; skipping them changes nothing.)
@@ -31,7 +33,9 @@ Recipes:
   The objective is sklearn's `LogisticRegression(C)` divided by n: mean log-loss +
   ||w||^2 / (2 C n), bias not penalised. It is convex with a unique optimum and has no
   randomness, so every seed gives the same numbers (the seed axis is kept so both recipes have
-  the same result shape); `final_train_loss` is the mean train log-loss at the optimum.
+  the same result shape); `final_train_loss` is the mean train log-loss at the optimum. With K > 2
+  classes it is multinomial (softmax) logistic regression, W [d, K], the same penalty on W: sklearn's
+  multinomial `LogisticRegression(C)` divided by n.
 
 Randomness: seed s uses `jax.random.key(s)` for every layer and variant, so one seed means the
 same initial weights and the same batch order everywhere: layers and templates are compared on
@@ -177,7 +181,7 @@ def summarise(values: np.ndarray, confidence: float = 0.95
 # Input checks and packing
 # ------------------------------------------------------------------------------------------------
 
-def _check_split(x: Any, y: Any, where: str, n_hook_points: int | None, d: int | None):
+def _check_split(x: Any, y: Any, where: str, n_hook_points: int | None, d: int | None, n_classes: int = 2):
     """Validate one (x, y) pair; return (x, labels int32) without copying a memmap."""
     if not hasattr(x, "shape") or len(x.shape) != 3:
         shape = getattr(x, "shape", None)
@@ -200,15 +204,21 @@ def _check_split(x: Any, y: Any, where: str, n_hook_points: int | None, d: int |
         if bad.size:
             raise UserError(f"{where}: row {bad[0]}: label {labels[bad[0]].item()!r} is not an integer")
     elif labels.dtype.kind not in "iub":
-        raise UserError(f"{where}: labels must be integers 0/1, got dtype {labels.dtype}")
-    bad = np.flatnonzero((labels != 0) & (labels != 1))
+        raise UserError(f"{where}: labels must be integers 0..{n_classes - 1}, got dtype {labels.dtype}")
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
     if bad.size:
-        raise UserError(f"{where}: row {bad[0]}: label {labels[bad[0]].item()!r} is not 0 or 1 "
-                        f"(probes are binary)")
+        allowed = "0 or 1 (probes are binary unless n_classes is given)" if n_classes == 2 else \
+            f"a class id 0..{n_classes - 1} (n_classes={n_classes})"
+        raise UserError(f"{where}: row {bad[0]}: label {labels[bad[0]].item()!r} is not {allowed}")
     present = set(np.unique(labels).astype(int).tolist())
-    if present != {0, 1}:
+    if len(present) == 1:
         raise UserError(f"{where}: every label is {present.pop()}; probes need both classes 0 and 1 "
-                        f"in train and test")
+                        f"in train and test" if n_classes == 2 else
+                        f"{where}: every label is {present.pop()}; probes need at least two classes")
+    if where.startswith("train") and present != set(range(n_classes)):
+        missing = sorted(set(range(n_classes)) - present)
+        raise UserError(f"{where}: no row of class {missing[0]} (n_classes={n_classes}); every class "
+                        "needs training rows")
     return x, labels.astype(np.int32)
 
 
@@ -319,12 +329,12 @@ def _seed_keys(seed: int | jax.Array) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
 
-def _init_params(init_key: jax.Array, d_in: int, hidden: int) -> nnx.State:
-    return nnx.state(VectorMLP(d_in, hidden, rngs=nnx.Rngs(params=init_key)))
+def _init_params(init_key: jax.Array, d_in: int, hidden: int, n_classes: int = 2) -> nnx.State:
+    return nnx.state(VectorMLP(d_in, hidden, n_classes, rngs=nnx.Rngs(params=init_key)))
 
 
-def _graphdef(d_in: int, hidden: int) -> nnx.GraphDef:
-    return nnx.graphdef(nnx.eval_shape(lambda: VectorMLP(d_in, hidden, rngs=nnx.Rngs(0))))
+def _graphdef(d_in: int, hidden: int, n_classes: int = 2) -> nnx.GraphDef:
+    return nnx.graphdef(nnx.eval_shape(lambda: VectorMLP(d_in, hidden, n_classes, rngs=nnx.Rngs(0))))
 
 
 def _epoch_order(shuffle_key: jax.Array, epoch: jax.Array, n_rows: jax.Array, n_max: int) -> jax.Array:
@@ -340,9 +350,10 @@ def _epoch_order(shuffle_key: jax.Array, epoch: jax.Array, n_rows: jax.Array, n_
     return jnp.argsort(draws, stable=True)
 
 
-def initial_params(seed: int, d_in: int, config: VectorMLPConfig = VectorMLPConfig()) -> dict[str, np.ndarray]:
+def initial_params(seed: int, d_in: int, config: VectorMLPConfig = VectorMLPConfig(),
+                   n_classes: int = 2) -> dict[str, np.ndarray]:
     """The initial weights seed `seed` gives a vector-mlp probe, torch layout ([out, in])."""
-    params = _init_params(_seed_keys(seed)[0], d_in, config.hidden)
+    params = _init_params(_seed_keys(seed)[0], d_in, config.hidden, n_classes)
     return {name: np.asarray(value) for name, value in nnx.to_pure_dict(params).items()}
 
 
@@ -381,9 +392,9 @@ def _optimizer(config: VectorMLPConfig) -> optax.GradientTransformation:
 
 
 @functools.cache
-def _mlp_programs(config: VectorMLPConfig, d_in: int, n_max: int, groups_per_step: int):
+def _mlp_programs(config: VectorMLPConfig, d_in: int, n_max: int, groups_per_step: int, n_classes: int = 2):
     """Jitted (train_block, evaluate) for one recipe setting and data shape, built once."""
-    graphdef = _graphdef(d_in, config.hidden)
+    graphdef = _graphdef(d_in, config.hidden, n_classes)
     epoch = _epoch_function(config, graphdef, n_max)
     # Seeds share the group's data (in_axes None), which is what folds them into one matmul.
     epoch_all_seeds = jax.vmap(epoch, in_axes=(0, 0, 0, None, None, None, None))
@@ -515,20 +526,22 @@ def _evaluate_program(graphdef: nnx.GraphDef, groups_per_step: int) -> Callable:
     return evaluate
 
 
-def _sweep_meta(recipe, config, seeds, layers, names, train, test, epochs_per_block, groups_per_step):
+def _sweep_meta(recipe, config, seeds, layers, names, train, test, epochs_per_block, groups_per_step,
+                n_classes=2):
     # Everything that changes the numbers; a checkpoint made under other values is not resumed.
     return {"recipe": recipe, "config": dataclasses.asdict(config), "seeds": list(seeds),
             "layers": list(layers), "variants": list(names),
             "train_digest": train.digest, "test_digest": test.digest,
-            "epochs_per_block": epochs_per_block, "groups_per_step": groups_per_step}
+            "epochs_per_block": epochs_per_block, "groups_per_step": groups_per_step,
+            **({"n_classes": n_classes} if n_classes != 2 else {})}  # binary checkpoints read as before
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _initial_state(config: VectorMLPConfig, d_in: int, n_groups: int, seeds: jax.Array):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 4))
+def _initial_state(config: VectorMLPConfig, d_in: int, n_groups: int, seeds: jax.Array, n_classes: int = 2):
     """(shuffle keys, params, optimizer state) of every probe, in one compiled program
     (bit-identical to its ops run one by one, which would compile each)."""
     init_keys, shuffle_keys = jax.vmap(_seed_keys)(seeds)
-    seed_params = jax.vmap(lambda k: _init_params(k, d_in, config.hidden))(init_keys)
+    seed_params = jax.vmap(lambda k: _init_params(k, d_in, config.hidden, n_classes))(init_keys)
     # Every (variant, layer) group starts from the same per-seed weights (paired comparisons).
     params = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_groups, *a.shape)), seed_params)
     return shuffle_keys, params, jax.vmap(jax.vmap(_optimizer(config).init))(params)
@@ -548,7 +561,8 @@ def _restore_checkpoint(ckpt, meta: dict, like: dict) -> dict:
 
 def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, seeds, layers,
                       names, checkpoint_dir, progress, epochs_per_block, groups_per_step,
-                      checkpoint_interval_s: float, after_block: Callable[[int], None] | None):
+                      checkpoint_interval_s: float, after_block: Callable[[int], None] | None,
+                      n_classes: int = 2):
     from tqdm.auto import tqdm
 
     from jaxprobe.sweep_checkpoint import SweepCheckpoint
@@ -559,14 +573,15 @@ def _train_vector_mlp(config: VectorMLPConfig, train: _Packed, test: _Packed, se
     x_train, y_train, n_train = (np.concatenate([a, np.repeat(a[:1], n_padded - n_groups, axis=0)])
                                  for a in (train.x, train.y, train.n_rows))
     n_seeds = len(seeds)
-    train_block, evaluate = _mlp_programs(config, d_in, n_max, groups_per_step)
+    train_block, evaluate = _mlp_programs(config, d_in, n_max, groups_per_step, n_classes)
 
-    shuffle_keys, params, opt_state = _initial_state(config, d_in, n_padded, jnp.asarray(seeds, jnp.uint32))
+    shuffle_keys, params, opt_state = _initial_state(config, d_in, n_padded, jnp.asarray(seeds, jnp.uint32),
+                                                     n_classes)
     losses = np.full((n_padded, n_seeds, config.epochs), np.nan, np.float32)
     epochs_done = 0
 
     meta = _sweep_meta("vector-mlp", config, seeds, layers, names, train, test,
-                       epochs_per_block, groups_per_step)
+                       epochs_per_block, groups_per_step, n_classes)
     ckpt = SweepCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
     leaves, treedef = jax.tree.flatten((params, opt_state))
 
@@ -639,22 +654,30 @@ def _logistic_loss(weights, bias, z, y, real):
     return jnp.sum(jnp.where(real, per_row, 0.0)) / jnp.sum(real)
 
 
+def _softmax_loss(weights, bias, z, y, real):
+    per_row = optax.softmax_cross_entropy_with_integer_labels(z @ weights + bias, y)
+    return jnp.sum(jnp.where(real, per_row, 0.0)) / jnp.sum(real)
+
+
 @functools.cache
-def _logreg_program():
+def _logreg_program(n_classes: int = 2):
     """Jitted fit of every (variant, layer) group; C, tol and max_iter are traced arguments, so
-    one compiled program serves every setting."""
+    one compiled program serves every setting. Two classes: binary logistic regression (w [d]);
+    K > 2: softmax regression (W [d, K], b [K]) with the same penalty on the weights."""
     solver = optax.lbfgs()
+    binary = n_classes == 2
 
     def fit_group(x_train, y_train, n_train, x_test, y_test, n_test, C, tol, max_iter):
         mean, std = _standardiser(x_train, n_train)
         z_train = (x_train - mean) / std
         real = jnp.arange(x_train.shape[0]) < n_train
         l2 = 1.0 / (C * n_train.astype(jnp.float32))
-        y = y_train.astype(jnp.float32)
+        y = y_train.astype(jnp.float32) if binary else y_train
+        loss = _logistic_loss if binary else _softmax_loss
 
         def objective(params):
             w, b = params
-            return _logistic_loss(w, b, z_train, y, real) + 0.5 * l2 * jnp.sum(w * w)
+            return loss(w, b, z_train, y, real) + 0.5 * l2 * jnp.sum(w * w)
 
         value_and_grad = optax.value_and_grad_from_state(objective)
 
@@ -671,13 +694,15 @@ def _logreg_program():
             # The line search leaves the gradient at the new point in the state.
             return params, state, optax.tree.norm(optax.tree.get(state, "grad"))
 
-        params = (jnp.zeros(x_train.shape[1]), jnp.zeros(()))
+        d = x_train.shape[1]
+        params = (jnp.zeros(d), jnp.zeros(())) if binary else (jnp.zeros((d, n_classes)), jnp.zeros(n_classes))
         params, _, _ = jax.lax.while_loop(not_done, iterate, (params, solver.init(params), jnp.inf))
         w, b = params
-        train_loss = _logistic_loss(w, b, z_train, y, real)
-        predicted = ((x_test - mean) / std) @ w + b > 0
+        train_loss = loss(w, b, z_train, y, real)
+        scores = ((x_test - mean) / std) @ w + b
+        right = (scores > 0) == (y_test == 1) if binary else jnp.argmax(scores, axis=-1) == y_test
         test_real = jnp.arange(x_test.shape[0]) < n_test
-        return train_loss, jnp.sum((predicted == (y_test == 1)) & test_real)
+        return train_loss, jnp.sum(right & test_real)
 
     @jax.jit
     def fit_all(x_train, y_train, n_train, x_test, y_test, n_test, C, tol, max_iter):
@@ -688,8 +713,8 @@ def _logreg_program():
     return fit_all
 
 
-def _train_logreg(config: LogRegConfig, train: _Packed, test: _Packed):
-    train_loss, correct = _logreg_program()(
+def _train_logreg(config: LogRegConfig, train: _Packed, test: _Packed, n_classes: int = 2):
+    train_loss, correct = _logreg_program(n_classes)(
         *map(jnp.asarray, (train.x, train.y, train.n_rows, test.x, test.y, test.n_rows)),
         jnp.float32(config.C), jnp.float32(config.tol), jnp.int32(config.max_iter))
     return np.asarray(train_loss), np.asarray(correct) / test.n_rows
@@ -712,7 +737,8 @@ def train_probe_sweep(train: Sequence[tuple[np.ndarray, np.ndarray]],
                       epochs_per_block: int = 5,
                       groups_per_step: int = 1,
                       checkpoint_interval_s: float = 60.0,
-                      after_block: Callable[[int], None] | None = None) -> ProbeSweepResult:
+                      after_block: Callable[[int], None] | None = None,
+                      n_classes: int = 2) -> ProbeSweepResult:
     """Train one probe per (variant, layer, seed) and score it on the variant's test rows.
 
     `train[v]` and `test[v]` are variant v's (activations [n, hook points, d], labels [n]).
@@ -723,6 +749,7 @@ def train_probe_sweep(train: Sequence[tuple[np.ndarray, np.ndarray]],
     `checkpoint_interval_s`: with `checkpoint_dir`, save at the first block end this many
     seconds after the previous save (0: after every block).
     `after_block(epochs_done)` runs after each block's checkpoint (tests use it to stop a sweep).
+    `n_classes`: K; labels are class ids 0..K-1 and every class must have training rows.
     Bad input (labels, NaN/inf, shapes, layer indices) raises `UserError` naming the variant,
     split, row and hook point.
     """
@@ -737,6 +764,8 @@ def train_probe_sweep(train: Sequence[tuple[np.ndarray, np.ndarray]],
         raise ValueError(f"{len(names)} variant names for {len(train)} variants")
     if epochs_per_block < 1 or groups_per_step < 1:
         raise ValueError("epochs_per_block and groups_per_step must be at least 1")
+    if n_classes < 2:
+        raise UserError(f"n_classes must be at least 2, not {n_classes}")
 
     first_x = train[0][0]
     if not hasattr(first_x, "shape") or len(first_x.shape) != 3:
@@ -746,7 +775,8 @@ def train_probe_sweep(train: Sequence[tuple[np.ndarray, np.ndarray]],
     checked = {"train": [], "test": []}
     for split, pairs in (("train", train), ("test", test)):
         for name, (x, y) in zip(names, pairs):
-            checked[split].append(_check_split(x, y, f"{split} activations of {name}", n_hook_points, d))
+            checked[split].append(_check_split(x, y, f"{split} activations of {name}", n_hook_points, d,
+                                               n_classes))
     layers = _resolve_layers(layers, n_hook_points)
     seeds = _resolve_seeds(seeds)
     for split in ("train", "test"):
@@ -761,11 +791,11 @@ def train_probe_sweep(train: Sequence[tuple[np.ndarray, np.ndarray]],
         final_loss, accuracy, curve = _train_vector_mlp(
             config, train_packed, test_packed, seeds, layers, names,
             None if checkpoint_dir is None else Path(checkpoint_dir), progress, epochs_per_block,
-            groups_per_step, checkpoint_interval_s, after_block)
+            groups_per_step, checkpoint_interval_s, after_block, n_classes)
         final_loss, accuracy = final_loss.reshape(shape), accuracy.reshape(shape)
         curve = curve.reshape(*shape, config.epochs)
     else:
-        final_loss, accuracy = _train_logreg(config, train_packed, test_packed)
+        final_loss, accuracy = _train_logreg(config, train_packed, test_packed, n_classes)
         # No randomness: every seed has the same (unique) optimum.
         final_loss = np.repeat(final_loss.reshape(shape[:2])[..., None], len(seeds), axis=-1)
         accuracy = np.repeat(accuracy.reshape(shape[:2])[..., None], len(seeds), axis=-1)

@@ -38,6 +38,7 @@ class Variant:
     train: list[ActivationStore]
     test: list[ActivationStore]
     hook_points: tuple[int, ...]
+    n_classes: int = 2  # K: the labels are 0..K-1, every one present in train
 
 
 def _store_identity(s: ActivationStore) -> dict:
@@ -57,7 +58,8 @@ def _model_of(s: ActivationStore) -> tuple[str, str | None]:
 
 
 def load_variants(cfg: ProbeConfig) -> list[Variant]:
-    """Open and cross-check the stores: same model, same hook points, binary labels, finite data."""
+    """Open and cross-check the stores: same model, same hook points, labels 0..K-1 with every class
+    in train and the same classes in test, finite data."""
     train, test = dict(cfg.train), dict(cfg.test)
     for name in train:
         if name not in test:
@@ -93,11 +95,16 @@ def load_variants(cfg: ProbeConfig) -> list[Variant]:
             raise UserError(f"variant {v.name!r} has hook points {list(v.hook_points)}, "
                             f"{variants[0].name!r} has {list(variants[0].hook_points)}; "
                             "variants trained together need the same layers")
-    for v in variants:
+    n_classes = max(2, 1 + max(int(np.max(v.train[0].labels)) for v in variants))
+    for i, v in enumerate(variants):
         train_labels = set(np.unique(v.train[0].labels).tolist())
-        if train_labels != {0, 1}:
+        if n_classes == 2 and train_labels != {0, 1}:
             raise UserError(f"{v.train[0].path}: labels are {sorted(train_labels)}; a probe needs "
                             "both 0 and 1")
+        if train_labels != set(range(n_classes)):
+            raise UserError(f"{v.train[0].path}: labels are {sorted(train_labels)}; a {n_classes}-class "
+                            f"probe needs class ids 0..{n_classes - 1}, each with training rows")
+        variants[i] = Variant(v.name, v.train, v.test, v.hook_points, n_classes)
         for s in v.test:
             test_labels = set(np.unique(s.labels).tolist())
             if test_labels != train_labels:
@@ -186,7 +193,8 @@ def probe(cfg: ProbeConfig, log: Callable[[str], None] = print) -> dict:
             f"seeds = {len(variants) * len(points) * cfg.seeds} probes in one vmapped program")
         res = train_probe_sweep(train=train, test=test, recipe=recipe, seeds=range(cfg.seeds),
                                 layers=None, checkpoint_dir=out / "checkpoints" / recipe,
-                                progress=cfg.progress, variant_names=[v.name for v in variants])
+                                progress=cfg.progress, variant_names=[v.name for v in variants],
+                                n_classes=variants[0].n_classes)
         sweeps[recipe] = {"final_train_loss": np.asarray(res.final_train_loss, np.float64),
                           "test_accuracy": np.asarray(res.test_accuracy, np.float64)}
         for k, f in files.items():
@@ -226,6 +234,7 @@ def summarise_sweeps(variants: list[Variant], points: Sequence[int], sweeps: dic
                     "the test sample's own sampling error is not included)",
         "model": first.manifest.get("model"), "seeds": list(range(cfg.seeds)),
         "recipes": list(sweeps), "hook_points": [int(h) for h in points],
+        "n_classes": variants[0].n_classes,
         "variants": {v.name: {"train": [str(s.path) for s in v.train],
                               "test": [str(s.path) for s in v.test],
                               "n_train": int(len(v.train[0].labels)),

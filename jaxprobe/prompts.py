@@ -212,23 +212,71 @@ def default_instruction(label_words: Sequence[str]) -> str:
     return f"Classify the following sentence as {choices}. Respond with {choices}.\n"
 
 
-def query_block(sentence: str, answer_word: str) -> str:
-    return f"Sentence: '{sentence.strip()}' \n{answer_word}:"
+SENTENCE_QUERY = "Sentence: '{text}' \n{answer_word}:"  # the reference's query (all but MMLU)
 
 
-def icl_block(sentence: str, label_word: str, answer_word: str) -> str:
-    return f"{query_block(sentence, answer_word)} {label_word}\n\n"
+CHOICE_LINE = "{letter}. {choice}\n"  # one line per option of a multiple-choice question
 
 
-def icl_context(instruction: str, examples: Sequence[tuple[str, str]], answer_word: str) -> str:
-    """The text every prompt starts with: instruction, then one block per (sentence, label word)."""
-    return instruction + "".join(icl_block(s, w, answer_word) for s, w in examples)
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one row becomes a query: `query` has the fields {text} (stripped), {answer_word} and
+    {choices} (the options, one `choice_line` each, lettered by `letters`, the label words).
+    The reference's MMLU query (its fork's `dataset_class.py`) is
+    "Question: {text} \\n{choices}{answer_word}:" with lines "A. ...\\n"."""
+
+    query: str = SENTENCE_QUERY
+    choice_line: str = CHOICE_LINE
+    letters: tuple[str, ...] = ()
+
+    def render(self, text: str, answer_word: str, choices: Sequence[str] | None = None) -> str:
+        listed = ""
+        if choices is not None:
+            if len(choices) > len(self.letters):
+                raise UserError(f"a question has {len(choices)} choices but there are only "
+                                f"{len(self.letters)} label words {list(self.letters)}")
+            listed = "".join(self.choice_line.format(letter=letter, choice=c)
+                             for letter, c in zip(self.letters, choices))
+        return self.query.format(text=text.strip(), answer_word=answer_word, choices=listed)
+
+
+def check_query_format(query: str, where: str = "query_format") -> None:
+    """Refuse a query format with fields other than {text}, {answer_word}, {choices}."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(query) if name is not None}
+    except ValueError as e:
+        raise UserError(f"{where} {query!r} is not a valid format string: {e}") from None
+    unknown = fields - {"text", "answer_word", "choices"}
+    if unknown or "text" not in fields:
+        raise UserError(f"{where} {query!r} must use {{text}} and only {{text}}, {{answer_word}} and "
+                        f"{{choices}} (found {sorted(fields)})")
+
+
+def query_block(sentence: str, answer_word: str, fmt: PromptFormat = PromptFormat(),
+                choices: Sequence[str] | None = None) -> str:
+    return fmt.render(sentence, answer_word, choices)
+
+
+def icl_block(sentence: str, label_word: str, answer_word: str, fmt: PromptFormat = PromptFormat(),
+              choices: Sequence[str] | None = None) -> str:
+    return f"{query_block(sentence, answer_word, fmt, choices)} {label_word}\n\n"
+
+
+def icl_context(instruction: str, examples: Sequence[tuple], answer_word: str,
+                fmt: PromptFormat = PromptFormat()) -> str:
+    """The text every prompt starts with: instruction, then one block per example, each
+    (sentence, label word) or, for multiple choice, (question, label word, choices)."""
+    return instruction + "".join(icl_block(e[0], e[1], answer_word, fmt, e[2] if len(e) > 2 else None)
+                                 for e in examples)
 
 
 def build_prompts(sentences: Sequence[str], *, instruction: str, answer_word: str,
-                  examples: Sequence[tuple[str, str]] = ()) -> list[str]:
-    context = icl_context(instruction, examples, answer_word)
-    return [context + query_block(s, answer_word) for s in sentences]
+                  examples: Sequence[tuple] = (), fmt: PromptFormat = PromptFormat(),
+                  choices: Sequence[Sequence[str]] | None = None) -> list[str]:
+    context = icl_context(instruction, examples, answer_word, fmt)
+    if choices is None:
+        return [context + query_block(s, answer_word, fmt) for s in sentences]
+    return [context + query_block(s, answer_word, fmt, c) for s, c in zip(sentences, choices, strict=True)]
 
 
 def select_icl_examples(candidate_labels: np.ndarray, n: int, *, n_classes: int, seed: int,

@@ -245,3 +245,59 @@ def plot_active_curves(per_target: dict[str, dict], truth: str, path_se: Path, p
 
     figure("se", path_se)
     figure("rel", path_rel)
+
+
+def group_table(per_target: dict[str, dict]) -> str:
+    """Accuracy and loss per group (MMLU: per subject) of each target on the pool, or ""."""
+    targets = [t for t, info in per_target.items() if info.get("by_group", {}).get("pool")]
+    if not targets:
+        return ""
+    groups = sorted(per_target[targets[0]]["by_group"]["pool"])
+    lines = ["", "## Per group (pool): accuracy / cross-entropy", "",
+             "| group | n | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
+    for g in groups:
+        cells = []
+        for t in targets:
+            m = per_target[t]["by_group"]["pool"][g]
+            cells.append(f"{m['accuracy']:.3f} / {m['cross_entropy']:.3f}")
+        lines.append(f"| {g} | {per_target[targets[0]]['by_group']['pool'][g]['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def tasks_report(results: dict[str, dict], budgets=TABLE_BUDGETS) -> str:
+    """The paper's layout over several tasks side by side (`active-experiment --task all`): per task,
+    target and method the median squared error x10^4 at each label budget (against the task's true
+    risk), then the median relative error against uniform sampling, then the Pearson correlation of
+    the CE acquisition score with the target's per-example loss. `results`: task -> the results.json
+    of its experiment."""
+    lines = ["# Active testing across tasks", "",
+             ("Median squared error x10^4 over runs at each label budget (true risk: the task's, the "
+              "test loss except FPB's pool loss, as in the paper); '—' where a zero-shot target's active "
+              "budget is not reached (the surrogate's in-context examples count as labels)."), "",
+             "| Task | Target | Method | " + " | ".join(str(b) for b in budgets) + " |",
+             "|---|---|---|" + "---|" * len(budgets)]
+    for task, res in results.items():
+        truth = res["settings"].get("truth", "test")
+        for target, info in res["targets"].items():
+            curves = {m: np.array([np.nan if v is None else v for v in c], np.float64)
+                      for m, c in info["median_se"][truth].items()}
+            for i, row in enumerate(table_rows(curves, info["budget_offset"], budgets)):
+                lines.append(f"| {task if i == 0 else ''} | {target if i == 0 else ''} | " + " | ".join(row) + " |")
+    lines += ["", "## Relative error against uniform sampling (median over label budgets; < 1 beats it)", ""]
+    methods = list(dict.fromkeys(m for res in results.values() for info in res["targets"].values()
+                                 for m in info["median_relative_error"][res["settings"].get("truth", "test")]))
+    lines += ["| Task | Target | " + " | ".join(METHOD_NAMES.get(m, m) for m in methods) + " |",
+              "|---|---|" + "---|" * len(methods)]
+    for task, res in results.items():
+        truth = res["settings"].get("truth", "test")
+        for target, info in res["targets"].items():
+            rel = info["median_relative_error"][truth]
+            lines.append(f"| {task} | {target} | "
+                         + " | ".join(f"{rel[m]:.3f}" if m in rel else "—" for m in methods) + " |")
+    targets = list(dict.fromkeys(t for res in results.values() for t in res["targets"]))
+    lines += ["", "## Pearson correlation: CE acquisition score vs the target's per-example loss (pool)", "",
+              "| Task | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for task, res in results.items():
+        cells = [res["targets"][t].get("pearson_ce_loss") if t in res["targets"] else None for t in targets]
+        lines.append(f"| {task} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"

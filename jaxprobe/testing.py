@@ -82,15 +82,38 @@ def tiny_job(root: Path, model, n_rows: int, seed: int) -> dict:
     return {"root": Path(root), "model": str(model), "data": str(data)}
 
 
-def write_tiny_dataset(path: Path, n_rows: int, seed: int) -> Path:
+def write_tiny_dataset(path: Path, n_rows: int, seed: int, n_classes: int = 2) -> Path:
     """A labelled parquet file of short sentences (trailing spaces, as SST-2 has) in the tiny
-    tokenizer's words; labels are random, so a random model is as good as anything on it."""
+    tokenizer's words; labels 0..n_classes-1 are random, so a random model is as good as anything."""
     import pandas as pd
 
     rng = np.random.default_rng(seed)
-    vocab = "the film was a great charming dull terrible movie plot acting good fun".split()
-    texts = [" ".join(rng.choice(vocab, rng.integers(2, 6))) + " " for _ in range(n_rows)]
-    pd.DataFrame({"text": texts, "label": rng.integers(0, 2, n_rows)}).to_parquet(path)
+    texts = [" ".join(rng.choice(_TINY_WORDS, rng.integers(2, 6))) + " " for _ in range(n_rows)]
+    pd.DataFrame({"text": texts, "label": rng.integers(0, n_classes, n_rows)}).to_parquet(path)
+    return path
+
+
+_TINY_WORDS = "the film was a great charming dull terrible movie plot acting good fun".split()
+
+
+# Label words that are one token each after "...:" for the tiny tokenizer (" A" is a space then "A").
+TINY_LABEL_WORDS = ("positive", "film", "was", "the")
+
+
+def write_tiny_choices(path: Path, n_rows: int, seed: int, n_subjects: int = 3) -> Path:
+    """A multiple-choice parquet file laid out as data/mmlu_*.parquet (question, subject, choices
+    of four, answer 0-3), in the tiny tokenizer's words; answers are random."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+
+    def words(k):
+        return " ".join(rng.choice(_TINY_WORDS, k))
+
+    pd.DataFrame({"question": [words(rng.integers(2, 5)) + "?" for _ in range(n_rows)],
+                  "subject": [f"subject_{rng.integers(n_subjects)}" for _ in range(n_rows)],
+                  "choices": [[words(rng.integers(1, 3)) for _ in range(4)] for _ in range(n_rows)],
+                  "answer": rng.integers(0, 4, n_rows)}).to_parquet(path)
     return path
 
 

@@ -117,6 +117,22 @@ def test_lure_is_exactly_unbiased_by_enumeration(clip, m):
     assert POOL_LOSSES.mean() == pytest.approx(0.86)
 
 
+@pytest.mark.parametrize("acquisition", ["cross-entropy", "nll"])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_lure_is_exactly_unbiased_for_three_classes(acquisition, m):
+    # K = 3: scores and losses come from three-way label-token logits of a target and a surrogate
+    rng = np.random.default_rng(3)
+    target, surrogate = rng.normal(size=(5, 3)) * 2, rng.normal(size=(5, 3)) * 2
+    labels = np.array([0, 2, 1, 2, 0])
+    scores = E.acquisition_scores(acquisition, target, surrogate, labels)
+    losses = E.per_example_loss(target, labels)
+    assert scores.shape == losses.shape == (5,) and len(set(np.round(scores, 9))) == 5
+    expectation = sum(prob * E.lure_estimate(losses[list(seq)], qs, 5) for seq, prob, qs in _sequences(scores, 0.1, m))
+    assert abs(expectation - losses.mean()) < 1e-12
+    naive = sum(prob * losses[list(seq)].mean() for seq, prob, _ in _sequences(scores, 0.1, m))
+    assert m == 1 or abs(naive - losses.mean()) > 1e-4  # and the plain mean of the draws is not
+
+
 def test_naive_and_importance_estimators_are_biased_here():
     # the same enumeration shows why LURE is needed: the naive mean over an active sample is biased
     naive = sum(prob * POOL_LOSSES[list(seq)].mean() for seq, prob, _ in _sequences(POOL_SCORES, 0.1, 2))

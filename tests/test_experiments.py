@@ -142,3 +142,116 @@ def test_cli_evaluate_then_acquire(tiny_setup, capsys):
     capsys.readouterr()
     assert cli.main([*acquire, "--surrogate", str(root / "other"), "--out", str(root / "ce2")]) == 2
     assert "different pool rows" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- K classes through task presets
+
+def test_k3_fpb_task_evaluate_acquire_and_experiment(tiny_setup, capsys):
+    """FPB's preset (three classes, prompt, truth = pool loss, no test subset) on three-class tiny data:
+    evaluate -> acquire -> report by hand, then the whole experiment with --task fpb."""
+    from jaxprobe import cli
+    from jaxprobe.testing import TINY_LABEL_WORDS, write_tiny_dataset
+
+    root = tiny_setup["root"] / "k3"
+    root.mkdir()
+    data = write_tiny_dataset(root / "three.parquet", 90, seed=4, n_classes=3)
+    common = ["--task", "fpb", "--model", tiny_setup["model"], "--dataset", str(data),
+              "--label-words", ",".join(TINY_LABEL_WORDS[:3]), "--no-progress"]
+    sizes = ["--pool-size", "40", "--icl-candidates", "20"]
+    assert cli.main(["evaluate", *common, *sizes, "--out", str(root / "zero")]) == 0
+    assert cli.main(["evaluate", *common, "--icl", "3", "--subsets", str(root / "zero"),
+                     "--out", str(root / "icl")]) == 0
+    meta = json.loads((root / "icl" / "meta.json").read_text())
+    assert meta["example_prompt"].startswith('Classify the sentiment of the following sentence as "negative", '
+                                             '"neutral" or "positive".')
+    assert meta["example_prompt"].count("\nAnswer: ") == 3 and meta["example_prompt"].endswith("' \nAnswer:")
+    assert np.load(root / "zero" / "pool" / "logits.npy").shape == (40, 3)
+    assert not (root / "zero" / "test").exists()  # FPB: the pool loss is the truth
+    assert cli.main(["acquire", "--target", str(root / "zero"), "--surrogate", str(root / "icl"), "--runs", "32",
+                     "--size", "20", "--true-risk", "pool", "--no-progress", "--out", str(root / "ce")]) == 0
+    summary = json.loads((root / "ce" / "summary.json").read_text())
+    assert summary["n_classes"] == 3 and np.load(root / "ce" / "estimates.npy").shape == (20, 32)
+
+    out = root / "exp"
+    assert cli.main(["active-experiment", *common, *sizes, "--icl", "3", "--runs", "32", "--size", "20",
+                     "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["truth"] == "pool" and results["settings"]["task"] == "fpb"
+    for target, info in results["targets"].items():
+        assert set(info["median_se"]) == {"pool"} and -1 <= info["pearson_ce_loss"] <= 1
+        pool = np.load(out / "evaluations" / f"target-{target}" / "pool" / "logits.npy")
+        assert pool.shape == (40, 3)
+    assert "Pearson correlation" in (out / "table.md").read_text()
+
+
+def test_k4_mmlu_task_with_per_subject_results_and_the_tasks_report(tiny_setup, capsys):
+    """MMLU's preset (multiple choice, four letters, 5-shot) on a tiny question file, per-subject
+    results, and two tasks side by side in one report as `--task all` writes it."""
+    import dataclasses
+
+    from jaxprobe import tasks
+    from jaxprobe.evaluate import EvaluateConfig
+    from jaxprobe.experiments import ActiveExperimentConfig, active_experiment_tasks
+    from jaxprobe.testing import (
+        TINY_LABEL_WORDS,
+        write_tiny_choices,
+        write_tiny_dataset,
+    )
+
+    root = tiny_setup["root"] / "k4"
+    root.mkdir()
+    mmlu = dataclasses.replace(tasks.load_task("mmlu"), label_words=TINY_LABEL_WORDS, icl=2,
+                               dataset=str(write_tiny_choices(root / "mc.parquet", 80, seed=2)))
+    fpb = dataclasses.replace(tasks.load_task("fpb"), label_words=TINY_LABEL_WORDS[:3], icl=2,
+                              dataset=str(write_tiny_dataset(root / "three.parquet", 80, seed=5, n_classes=3)))
+    config = ActiveExperimentConfig(
+        out=str(root / "all"), model=tiny_setup["model"], runs=32, size=20, progress=False,
+        evaluate=EvaluateConfig(out="", pool_size=40, test_size=20, icl_candidates=15, batch_size=8))
+    results = active_experiment_tasks(config, [fpb, mmlu], log=lambda *_: None)
+    assert set(results) == {"fpb", "mmlu"}
+    meta = json.loads((root / "all" / "mmlu" / "evaluations" / "target-2shot" / "meta.json").read_text())
+    prompt = meta["example_prompt"]
+    assert prompt.startswith("Answer the question with the correct letter. Respond with only 'A', 'B', 'C' or 'D'.\n"
+                             "Question: ")
+    assert prompt.count("\npositive. ") == 3 and prompt.count("\nthe. ") == 3 and prompt.endswith("\nAnswer:")
+    logits = np.load(root / "all" / "mmlu" / "evaluations" / "target-0shot" / "test" / "logits.npy")
+    assert logits.shape == (20, 4)
+    by_subject = results["mmlu"]["targets"]["0shot"]["by_group"]["pool"]
+    assert sum(m["n"] for m in by_subject.values()) == 40 and set(by_subject) <= {f"subject_{i}" for i in range(3)}
+    assert "## Per group (pool)" in (root / "all" / "mmlu" / "table.md").read_text()
+    report = (root / "all" / "report.md").read_text()
+    assert "| fpb | 0shot | Unif |" in report and "| mmlu | 0shot | Unif |" in report
+    rel = results["mmlu"]["targets"]["2shot"]["median_relative_error"]["test"]["cross-entropy"]
+    assert f"| mmlu | 2shot | {rel:.3f} |" in report
+    pearson = results["fpb"]["targets"]["0shot"]["pearson_ce_loss"]
+    assert f"| fpb | {pearson:.3f} |" in report
+
+
+def test_probe_experiment_task_all_writes_one_report(tiny_setup, monkeypatch, capsys):
+    """`probe-experiment --task all` over (here) two presets pointed at tiny data: one folder each and
+    one report holding both."""
+    import dataclasses
+
+    from jaxprobe import cli, tasks
+    from jaxprobe.testing import (
+        TINY_LABEL_WORDS,
+        write_tiny_choices,
+        write_tiny_dataset,
+    )
+
+    root = tiny_setup["root"] / "probe-all"
+    root.mkdir()
+    fpb = dataclasses.replace(tasks.load_task("fpb"), label_words=TINY_LABEL_WORDS[:3],
+                              dataset=str(write_tiny_dataset(root / "three.parquet", 80, seed=6, n_classes=3)))
+    mmlu = dataclasses.replace(tasks.load_task("mmlu"), probe_splits=("train", "train"),
+                               dataset=str(write_tiny_choices(root / "mc.parquet", 80, seed=7)))
+    monkeypatch.setattr(tasks, "presets", lambda: {"fpb": fpb, "mmlu": mmlu})
+    out = root / "out"
+    assert cli.main(["probe-experiment", "--task", "all", "--model", tiny_setup["model"], "--n-train", "24",
+                     "--n-test", "16", "--demonstrations-from", "60:61", "--recipe", "logreg", "--seeds", "1",
+                     "--no-progress", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert report.startswith("# probe-experiment across tasks") and "## fpb" in report and "## mmlu" in report
+    assert "| fpb-1shot | logreg |" in report and "| mmlu-1shot | logreg |" in report
+    for name, k in (("fpb", 3), ("mmlu", 4)):
+        assert json.loads((out / name / "probes" / "results.json").read_text())["n_classes"] == k

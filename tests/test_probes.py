@@ -103,14 +103,14 @@ def test_seeds_differ_and_are_paired_across_layers(sweep):
     assert np.abs(init[0]["out_bias"]).max() <= 1 / np.sqrt(128)
 
 
-def _torch_recipe(x_train, y_train, x_test, y_test, seed, config):
+def _torch_recipe(x_train, y_train, x_test, y_test, seed, config, n_classes=2):
     """The reference notebook's loop in plain PyTorch, fed our initial weights and batch order."""
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     d = x_train.shape[1]
     model = torch.nn.Sequential(torch.nn.Linear(d, config.hidden, bias=False), torch.nn.ReLU(),
-                                torch.nn.Linear(config.hidden, 2))
-    init = {k: torch.tensor(v) for k, v in initial_params(seed, d, config).items()}
+                                torch.nn.Linear(config.hidden, n_classes))
+    init = {k: torch.tensor(v) for k, v in initial_params(seed, d, config, n_classes).items()}
     with torch.no_grad():
         model[0].weight.copy_(init["hidden_weight"])
         model[2].weight.copy_(init["out_weight"])
@@ -216,6 +216,75 @@ def test_logreg_matches_float64_newton_on_standardised_train_rows(data, C):
             x_test, y_test = test[v][0][:, layer].astype(np.float64), test[v][1]
             z_test = (x_test - x.mean(0)) / x.std(0)  # train statistics applied to test rows
             assert res.test_accuracy[v, layer, 0] == np.mean((z_test @ w + b > 0) == y_test)
+
+
+# ------------------------------------------------------------------------------------------------
+# K classes
+# ------------------------------------------------------------------------------------------------
+
+def _three_class(rng, n):
+    y = np.arange(n) % 3
+    rng.shuffle(y)
+    x = rng.standard_normal((n, 2, D)).astype(np.float32)
+    x[:, :, 0] += 0.8 * (y[:, None] == 1)
+    x[:, :, 1] += 0.8 * (y[:, None] == 2)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def three():
+    rng = np.random.default_rng(5)
+    return [_three_class(rng, 150)], [_three_class(rng, 60)]
+
+
+def test_vector_mlp_with_three_outputs_matches_plain_pytorch(three):
+    train, test = three
+    res = train_probe_sweep(train, test, "vector-mlp", seeds=[7], layers=[1], progress=False, config=LOUD,
+                            epochs_per_block=1, n_classes=3)
+    assert initial_params(7, D, LOUD, 3)["out_weight"].shape == (3, 128)
+    (x_train, y_train), (x_test, y_test) = train[0], test[0]
+    curve, accuracy = _torch_recipe(x_train[:, 1], y_train, x_test[:, 1], y_test, 7, LOUD, n_classes=3)
+    np.testing.assert_allclose(res.train_loss_by_epoch[0, 0, 0], curve, rtol=2e-4, atol=1e-5)
+    assert res.test_accuracy[0, 0, 0] == pytest.approx(accuracy)
+    assert curve[-1] < curve[0]  # the weights moved (the last batch holds only 22 rows: noisy)
+
+
+def test_multinomial_logreg_matches_a_float64_solve(three):
+    from scipy.optimize import minimize
+    from scipy.special import log_softmax
+
+    train, test = three
+    C = 0.5
+    res = train_probe_sweep(train, test, "logreg", seeds=[0], progress=False, config=LogRegConfig(C=C),
+                            n_classes=3)
+    for layer in range(2):
+        x, y = train[0][0][:, layer].astype(np.float64), train[0][1]
+        n, d = x.shape
+        z = (x - x.mean(0)) / x.std(0)
+
+        def objective(theta, z=z, y=y, n=n, d=d):
+            w, b = theta[:d * 3].reshape(d, 3), theta[d * 3:]
+            return -log_softmax(z @ w + b, axis=1)[np.arange(n), y].mean() + np.sum(w * w) / (2 * C * n)
+
+        theta = minimize(objective, np.zeros(d * 3 + 3), method="BFGS", options={"gtol": 1e-10}).x
+        w, b = theta[:d * 3].reshape(d, 3), theta[d * 3:]
+        loss = -log_softmax(z @ w + b, axis=1)[np.arange(n), y].mean()
+        assert res.final_train_loss[0, layer, 0] == pytest.approx(loss, rel=1e-4)
+        z_test = (test[0][0][:, layer] - x.mean(0)) / x.std(0)
+        assert res.test_accuracy[0, layer, 0] == np.mean(np.argmax(z_test @ w + b, axis=1) == test[0][1])
+        assert res.test_accuracy[0, layer, 0] > 0.4  # above chance (1/3)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda tr, te: tr[0][1].__setitem__(3, 3), r"train activations of a: row 3: label 3 is not a class id 0..2"),
+    (lambda tr, te: tr[0][1].__setitem__(tr[0][1] == 2, 1), r"train activations of a: no row of class 2"),
+    (lambda tr, te: te[0][1].__setitem__(slice(None), 2), r"test activations of a: every label is 2"),
+])
+def test_k_class_labels_are_checked(three, edit, message):
+    train, test = ([(x.copy(), y.copy()) for x, y in part] for part in three)
+    edit(train, test)
+    with pytest.raises(UserError, match=message):
+        train_probe_sweep(train, test, "logreg", progress=False, variant_names=("a",), n_classes=3)
 
 
 # ------------------------------------------------------------------------------------------------

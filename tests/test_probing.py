@@ -209,3 +209,25 @@ def test_reference_pickles_as_one_layer_stores(tmp_path, capsys):
     assert set(rows) == {11, 21} and rows[21]["reference_layer"] == 20
     assert rows[21]["variant"] == "raw" and rows[21]["test_accuracy"]["mean"] == 1.0
     assert rows[11]["test_accuracy"]["mean"] < 0.9  # hook point 0 of the source stores: noise
+
+
+@pytest.mark.parametrize("task, k, splits", [("fpb", 3, ("train", "test")), ("mmlu", 4, ("test", "validation"))])
+def test_probe_experiment_with_a_k_class_task(tiny_ckpt, tmp_path, capsys, task, k, splits):
+    """extract -> probe -> report for FPB (K=3; one split, so the test sample follows the train one)
+    and MMLU (K=4, multiple-choice prompts) with the task's raw and 1-shot prompts."""
+    out = tmp_path / task
+    args = ["probe-experiment", "--task", task, "--model", str(tiny_ckpt), "--n-train", "40", "--n-test", "30",
+            "--demonstrations-from", "100:101", "--recipe", "logreg", "--seeds", "2", "--no-progress",
+            "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "probes" / "results.json").read_text())
+    assert results["n_classes"] == k and set(results["variants"]) == {"raw", f"{task}-1shot"}
+    prompt = json.loads((out / "stores" / f"{task}-1shot-{splits[0]}" / "prompts.jsonl").read_text().splitlines()[0])
+    if task == "fpb":
+        assert '"negative", "neutral" or "positive"' in prompt and prompt.count("' \nAnswer:") == 2
+        rows = {role: set(np.load(out / "stores" / f"raw-{role}" / "sample_indices.npy").tolist())
+                for role in ("train", "test")}
+        assert len(rows["train"]) == 40 and len(rows["test"]) == 30 and not rows["train"] & rows["test"]
+    else:
+        assert prompt.count("Question: ") == 2 and prompt.count("\nD. ") == 2 and prompt.endswith("\nAnswer:")
+    assert f"| {task}-1shot | logreg |" in (out / "report.md").read_text()
