@@ -18,6 +18,14 @@ from jaxprobe import prompts
 from jaxprobe.active.acquire import AcquireConfig, run_acquire
 from jaxprobe.active.bootstrap import BOOTSTRAP_VARIANCES
 from jaxprobe.active.estimators import ACQUISITIONS, ESTIMATORS
+from jaxprobe.active.interval import INTERVAL_METHODS
+from jaxprobe.active.queue import (
+    PROPOSE_ACQUISITIONS,
+    EstimateConfig,
+    ProposeConfig,
+    estimate,
+    propose,
+)
 from jaxprobe.active.sweep import SweepConfig
 from jaxprobe.errors import UserError
 from jaxprobe.evaluate import DEFAULT_SIZES, EvaluateConfig, run_evaluate
@@ -575,6 +583,68 @@ def _acquire_command(args: argparse.Namespace) -> int:
     return 0
 
 
+PREDICTIONS_HELP = ("an evaluate folder, or a predictions file: .npy [N, K], or .csv/.parquet with an id "
+                    "column and one column per class (logits or probabilities; optional label and text)")
+
+
+def _add_propose_command(subparsers) -> argparse.ArgumentParser:
+    d = ProposeConfig()
+    parser = subparsers.add_parser(
+        "propose", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="which items of an unlabelled pool to label: a seeded labelling queue (active testing for real)",
+        description="Draw --size items of the pool with the clipped proposal and sampler of `acquire` (one "
+                    "run, seeded, reproducible) and write a labelling queue: OUT/queue.csv and "
+                    "OUT/queue.jsonl (order, item id, text, proposal probability, the target's "
+                    "log-probabilities) and OUT/queue.json. Rerun with a larger --size and the same --out to "
+                    "extend the queue: its first items stay the same. Label the items in order, then run "
+                    "`jaxprobe estimate`.",
+        epilog="example:\n  jaxprobe evaluate --no-labels --dataset pool.csv --out runs/zero\n"
+               "  jaxprobe evaluate --no-labels --dataset pool.csv --model OTHER --subsets runs/zero "
+               "--out runs/surrogate\n"
+               "  jaxprobe propose --target runs/zero --surrogate runs/surrogate --size 100 --out runs/queue")
+    parser.add_argument("--target", required=True, help="the model under test: " + PREDICTIONS_HELP)
+    parser.add_argument("--surrogate", help="the surrogate on the same items (needed by cross-entropy and "
+                                            "entropy): " + PREDICTIONS_HELP)
+    parser.add_argument("--out", required=True, help="queue folder (new, or an earlier queue to extend)")
+    parser.add_argument("--acquisition", default=d.acquisition, choices=PROPOSE_ACQUISITIONS,
+                        help="score of each item, as in acquire (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=d.size, help="items in the queue (default: %(default)s)")
+    parser.add_argument("--seed", type=_seed, default=d.seed, help="(default: %(default)s)")
+    parser.add_argument("--clip", type=_clip_value, default=None, metavar="ALPHA",
+                        help="proposal floor alpha/n_left, in (0, 1) (default: 0.1, the paper's)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="divide the surrogate's logits by T in the score (default: none)")
+    parser.set_defaults(func=lambda args: propose(_config_from_args(ProposeConfig, args)) and 0)
+    return parser
+
+
+def _add_estimate_command(subparsers) -> argparse.ArgumentParser:
+    d = EstimateConfig()
+    parser = subparsers.add_parser(
+        "estimate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="the target's loss and accuracy with a confidence interval, from a labelled queue",
+        description="From a `jaxprobe propose` queue and the labels given so far (items used in queue order "
+                    "up to the first one without a label), the LURE estimate of the target's mean loss and "
+                    "accuracy on the whole pool, its confidence interval for this one run, and how many "
+                    "labels an interval of +- --half-width needs. Labels: a .csv with columns id,label or a "
+                    ".jsonl of {\"id\": ..., \"label\": ...}; a label is a class id 0..K-1 or a label word. "
+                    "Prints the result; writes nothing unless --out FILE.",
+        epilog="example:\n  jaxprobe estimate --queue runs/queue --labels labels.csv --half-width 0.02")
+    parser.add_argument("--queue", required=True, help="a folder written by jaxprobe propose")
+    parser.add_argument("--labels", required=True, help="labels file (.csv id,label or .jsonl)")
+    parser.add_argument("--target", help="check that the queue was proposed on this pool (" + PREDICTIONS_HELP + ")")
+    parser.add_argument("--level", type=float, default=d.level, help="confidence level (default: %(default)s)")
+    parser.add_argument("--half-width", type=float, default=d.half_width,
+                        help="report the labels needed for an interval of +- this (default: %(default)s)")
+    parser.add_argument("--interval", default=d.interval, choices=("auto", *INTERVAL_METHODS),
+                        help="variance estimator: hybrid (the larger of martingale and the surrogate's "
+                             "expected variance; measured coverage 0.94-0.99), martingale, bootstrap "
+                             "(the paper's); auto = hybrid when the queue had a surrogate (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="also write the result as JSON to this file")
+    parser.set_defaults(func=lambda args: estimate(_config_from_args(EstimateConfig, args)) and 0)
+    return parser
+
+
 def _acquisitions(value: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in value.split(",") if a.strip())
 
@@ -642,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "writes, every process computes")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_model_commands, _add_demo_command, _add_probing_commands, _add_evaluate_command,
-                _add_acquire_command, _add_active_experiment_command):
+                _add_acquire_command, _add_propose_command, _add_estimate_command,
+                _add_active_experiment_command):
         add(subparsers)
     return parser
 

@@ -21,8 +21,9 @@ BUILTIN = {
 _LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_split(source: str, split: str, *, text_column: str = "text", label_column: str = "label"):
-    """Load one split as a `datasets.Dataset` with columns `text` and `label`.
+def load_split(source: str, split: str, *, text_column: str = "text", label_column: str | None = "label"):
+    """Load one split as a `datasets.Dataset` with columns `text` and `label` (`text` only when
+    `label_column` is None: an unlabelled set).
 
     `source` is a built-in name (`imdb`, `sst2`), a local .csv/.tsv/.json/.jsonl/.parquet file
     (one split: `split` is only a label then), or anything `datasets.load_dataset` accepts.
@@ -63,13 +64,13 @@ def load_split(source: str, split: str, *, text_column: str = "text", label_colu
     if len(ds) == 0:
         raise UserError(f"dataset {source!r} split {split!r} holds no rows")
     for col, what in ((text_column, "--text-column"), (label_column, "--label-column")):
-        if col not in ds.column_names:
+        if col is not None and col not in ds.column_names:
             raise UserError(f"dataset {source!r} has no column {col!r} ({what}); "
                             f"columns are {ds.column_names}")
-    ds = ds.select_columns([text_column, label_column])
+    ds = ds.select_columns([text_column] + ([label_column] if label_column is not None else []))
     if text_column != "text":
         ds = ds.rename_column(text_column, "text")
-    if label_column != "label":
+    if label_column is not None and label_column != "label":
         ds = ds.rename_column(label_column, "label")
     return ds
 

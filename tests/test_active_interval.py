@@ -46,9 +46,11 @@ def test_variances_and_interval():
     # B resamples approach the exact B -> infinity bootstrap variance (ddof 1 of the resampled means)
     v_b = I.lure_variance(losses[rows], q, 50, method="bootstrap", resamples=20000, seed=3)
     assert v_b == pytest.approx(v_boot, rel=0.05)
-    ci = I.interval(losses[rows], q, 50, method="martingale", level=0.95)
+    ci = I.interval(losses[rows], q, 50, method="martingale", level=0.95, metric="other")
     assert ci.low < ci.estimate < ci.high and ci.half_width == pytest.approx(1.959964 * np.sqrt(v_mart), rel=1e-6)
     assert I.lure_variance(losses, np.full(50, 1 / 50), 50) == 0.0  # the whole pool: no uncertainty
+    few = I.interval(np.array([1.0, 0.0, 1.0]), q[:3], 50, metric="accuracy", method="martingale")
+    assert 0.0 <= few.low and few.high <= 1.0 and few.high - few.low < 2 * few.half_width  # clipped to [0, 1]
     with pytest.raises(UserError, match="hybrid"):
         I.lure_variance(losses[rows], q, 50, method="hybrid")
 

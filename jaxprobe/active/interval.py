@@ -43,6 +43,7 @@ from jaxprobe.errors import UserError
 INTERVAL_METHODS = ("hybrid", "martingale", "bootstrap")
 DEFAULT_METHOD = "hybrid"  # measured: docs/active-testing.md
 METRICS = ("loss", "accuracy")  # per-example values of the K-way prediction the estimate reports
+METRIC_RANGE = {"loss": (0.0, math.inf), "accuracy": (0.0, 1.0)}  # intervals are clipped to these
 
 
 def per_example_metrics(log_probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -181,8 +182,9 @@ def interval(values: np.ndarray, q: np.ndarray, pool_size: int, *, metric: str =
     variance = float(lure_variance(values, q, pool_size, method=method, sigma2=sigma2, resamples=resamples,
                                    seed=seed))
     half = _z(level) * math.sqrt(variance)
-    return Interval(metric, estimate, estimate - half, estimate + half, half, variance, len(values), level,
-                    method)
+    low, high = METRIC_RANGE.get(metric, (-math.inf, math.inf))
+    return Interval(metric, estimate, max(low, estimate - half), min(high, estimate + half), half, variance,
+                    len(values), level, method)
 
 
 def coverage(values_per_run: np.ndarray, q_per_run: np.ndarray, pool_size: int, truth: float, *,
