@@ -474,6 +474,10 @@ def _add_evaluate_command(subparsers) -> argparse.ArgumentParser:
                         help="converted checkpoint, HF folder, .gguf file or smollm2-135m (default: %(default)s)")
     parser.add_argument("--icl", type=int, default=0, metavar="N",
                         help="in-context examples before each query (paper: 50; default: %(default)s)")
+    parser.add_argument("--no-labels", action="store_true",
+                        help="an unlabelled pool: write logits only (also when the data has no "
+                             "--label-column); test and ICL candidates default to 0, --icl must be 0. "
+                             "Then `jaxprobe propose` picks the items to label")
     _add_evaluate_arguments(parser)
     parser.set_defaults(func=_evaluate_command)
     return parser

@@ -21,9 +21,11 @@ BUILTIN = {
 _LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_split(source: str, split: str, *, text_column: str = "text", label_column: str | None = "label"):
+def load_split(source: str, split: str, *, text_column: str = "text", label_column: str | None = "label",
+               optional_label: bool = False):
     """Load one split as a `datasets.Dataset` with columns `text` and `label` (`text` only when
-    `label_column` is None: an unlabelled set).
+    `label_column` is None, or with `optional_label` when the data has no such column: an
+    unlabelled set).
 
     `source` is a built-in name (`imdb`, `sst2`), a local .csv/.tsv/.json/.jsonl/.parquet file
     (one split: `split` is only a label then), or anything `datasets.load_dataset` accepts.
@@ -63,6 +65,8 @@ def load_split(source: str, split: str, *, text_column: str = "text", label_colu
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if len(ds) == 0:
         raise UserError(f"dataset {source!r} split {split!r} holds no rows")
+    if optional_label and label_column not in ds.column_names:
+        label_column = None
     for col, what in ((text_column, "--text-column"), (label_column, "--label-column")):
         if col is not None and col not in ds.column_names:
             raise UserError(f"dataset {source!r} has no column {col!r} ({what}); "

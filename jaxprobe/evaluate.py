@@ -101,6 +101,7 @@ class EvaluateConfig:
     dtype: str = "auto"  # float32 on CPUs, bfloat16 on accelerators
     progress: bool = True
     mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
+    no_labels: bool = False  # logits only; also when the data has no --label-column
 
     @property
     def resolved_instruction(self) -> str:
@@ -133,7 +134,7 @@ def subset_rows(record: dict, name: str) -> np.ndarray:
 def rows_digest(texts, labels) -> str:
     """sha256 over `f"{label}\\t{text}\\n"` of the given rows, in order (data/README.md's hash)."""
     h = hashlib.sha256()
-    for text, label in zip(texts, labels):
+    for text, label in zip(texts, [""] * len(texts) if labels is None else labels):
         h.update(f"{label}\t{text}\n".encode("utf-8"))
     return h.hexdigest()
 
@@ -154,12 +155,17 @@ class LabelledSplit:
 
         self.source = f"{config.dataset} split {config.split}"
         self.dataset = load_split(config.dataset, config.split, text_column=config.text_column,
-                                  label_column=config.label_column)
+                                  label_column=None if config.no_labels else config.label_column,
+                                  optional_label=True)
         self.n_rows = len(self.dataset)
         self.label_words = config.label_words
-        self._raw_labels = np.asarray(self.dataset["label"])
+        self.labelled = "label" in self.dataset.column_names
+        self._raw_labels = np.asarray(self.dataset["label"]) if self.labelled else None
 
-    def labels(self, rows: np.ndarray) -> np.ndarray:
+    def labels(self, rows: np.ndarray) -> np.ndarray | None:
+        """Class ids of `rows`, or None for an unlabelled split."""
+        if not self.labelled:
+            return None
         raw = self._raw_labels[rows]
         k = len(self.label_words)
         if raw.dtype.kind in "UO":  # string labels: must be the label words themselves
@@ -271,14 +277,23 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
 
     config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype))  # recorded concrete
     split = LabelledSplit(config)
+    if not split.labelled:
+        if config.icl:
+            raise UserError(f"--icl {config.icl} needs labelled in-context examples, but {split.source} is "
+                            "evaluated without labels (--no-labels or no label column)")
+        # nothing to hold out or to pick examples from: the whole draw goes to the pool
+        config = dataclasses.replace(config, **{k: 0 for k in ("test_size", "icl_candidates")
+                                                if getattr(config, k) is None and config.subsets is None})
+        log(f"{split.source}: evaluating without labels (logits only)")
     subsets = make_or_load_subsets(config, split)
     k = len(config.label_words)
     candidate_rows = subset_rows(subsets, "icl_candidates")
     icl_positions = select_icl_examples(split.labels(candidate_rows), config.icl, n_classes=k,
-                                        seed=config.icl_seed, selection=config.icl_selection)
+                                        seed=config.icl_seed, selection=config.icl_selection) \
+        if split.labelled else np.zeros(0, np.int64)
     icl_rows = candidate_rows[icl_positions]
     icl_examples = [(text, config.label_words[label])
-                    for text, label in zip(split.texts(icl_rows), split.labels(icl_rows))]
+                    for text, label in zip(split.texts(icl_rows), split.labels(icl_rows))] if split.labelled else []
 
     if lm is None:
         from jaxprobe.runner import load_model
@@ -292,6 +307,8 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     label_token_ids = resolve_label_tokens(lm.tokenize, prompts["pool"][0], config.label_words,
                                            multi_token=config.multi_token_labels, decode=decode)
     settings = _settings(config, subsets, lm, label_token_ids, icl_rows)
+    if not split.labelled:
+        settings["labelled"] = False  # only then: labelled folders keep their settings
     claim = lambda: claim_folder(out, "meta.json", settings, what="an evaluation", format=EVALUATION_FORMAT)  # noqa: E731
     if processes.decided(claim) is None:
         save_json(out / "meta.json", {  # first: it names the folder's settings
@@ -306,7 +323,8 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
             "label_tokens": [decode([t]) if decode else None for t in label_token_ids],
             "icl": {"n": config.icl, "selection": config.icl_selection, "seed": config.icl_seed,
                     "rows": icl_rows.tolist(), "labels": [w for _, w in icl_examples]},
-            "example_prompt": prompts["pool"][0], "settings": settings})
+            "example_prompt": prompts["pool"][0], "settings": settings,
+            **({} if split.labelled else {"labelled": False})})
     if not (out / "subsets.json").is_file():
         save_json(out / "subsets.json", {k_: v for k_, v in subsets.items() if k_ != "subsets_id"})
 
@@ -323,8 +341,9 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     metrics = processes.decided(lambda: {name: _finished_subset(out, name, rows[name], split.labels(rows[name]), k)
                                          for name in rows})
     for name, m in metrics.items():
-        log(f"{lm.name} {config.icl}-shot {name}: n={m['n']} accuracy={m['accuracy']:.4f} "
-            f"cross-entropy={m['cross_entropy']:.4f}")
+        log(f"{lm.name} {config.icl}-shot {name}: n={m['n']} " + (
+            f"accuracy={m['accuracy']:.4f} cross-entropy={m['cross_entropy']:.4f}" if split.labelled
+            else "(no labels: logits only)"))
     return out
 
 
@@ -332,12 +351,12 @@ def _finished_subset(out: Path, name: str, rows: np.ndarray, labels: np.ndarray,
     """A finished subset's metrics, after checking its arrays are still what this run wrote."""
     from jaxprobe.active.inputs import load_evaluation
 
-    ev = load_evaluation(out, name, flag="--out")
+    ev = load_evaluation(out, name, flag="--out", need_labels=labels is not None)
     if ev.logits.shape != (len(rows), n_classes) or not np.array_equal(ev.indices, rows) \
-            or not np.array_equal(ev.labels, labels):
+            or (labels is not None and not np.array_equal(ev.labels, labels)):
         raise UserError(f"{out / name}: damaged (its arrays are not what this evaluation wrote); "
                         "delete the folder and evaluate again")
-    for key in ("n", "accuracy", "cross_entropy"):
+    for key in ("n", "accuracy", "cross_entropy") if labels is not None else ("n",):
         if not isinstance(ev.metrics.get(key), (int, float)):
             raise UserError(f"{out / name / 'metrics.json'}: {key} is not a number; delete the folder "
                             "and evaluate again")
@@ -377,6 +396,8 @@ def _finish_subset(subset_dir: Path, rows: np.ndarray, labels: np.ndarray, n_cla
         return
     ShardedArrayWriter(subset_dir, len(rows), (n_classes,), shard_size).merge(subset_dir / "logits.npy")
     logits = load_npy(subset_dir / "logits.npy")
-    save_npy(subset_dir / "labels.npy", labels)
+    if labels is not None:
+        save_npy(subset_dir / "labels.npy", labels)
     save_npy(subset_dir / "indices.npy", rows)
-    save_json(subset_dir / "metrics.json", {**label_metrics(logits, labels), **extra})
+    found = label_metrics(logits, labels) if labels is not None else {"n": len(rows), "labelled": False}
+    save_json(subset_dir / "metrics.json", {**found, **extra})

@@ -24,6 +24,7 @@ import numpy as np
 from jaxprobe.active.bootstrap import bootstrap_study
 from jaxprobe.active.estimators import NEEDS_SURROGATE, ase_estimate, mean_loss
 from jaxprobe.active.inputs import check_same_rows, load_evaluation
+from jaxprobe.active.predictions import is_predictions_file, load_acquire_input
 from jaxprobe.active.sweep import (
     DEFAULT_CHUNK_RUNS,
     SweepConfig,
@@ -63,15 +64,17 @@ class AcquireConfig:
 
 def load_inputs(config: AcquireConfig):
     """(target pool, surrogate pool or None, target test or None) as checked `Evaluation`s."""
-    target = load_evaluation(config.target, "pool", flag="--target")
+    target = load_acquire_input(config.target, flag="--target")  # an evaluate folder or a predictions file
     needs_surrogate = config.sweep.acquisition in NEEDS_SURROGATE or config.sweep.estimator == "ase"
     surrogate = None
     if config.surrogate is not None:
-        surrogate = load_evaluation(config.surrogate, "pool", flag="--surrogate")
+        surrogate = load_acquire_input(config.surrogate, flag="--surrogate", like=target)
         check_same_rows(target, surrogate)
     elif needs_surrogate:
         raise UserError(f"--acquisition {config.sweep.acquisition} / --estimator {config.sweep.estimator} "
                         f"needs --surrogate DIR")
+    if config.true_risk == "test" and is_predictions_file(config.target):
+        raise UserError(f"--target {config.target} is a predictions file, with no test subset; use --true-risk pool")
     test = load_evaluation(config.target, "test", flag="--target") if config.true_risk == "test" else None
     return target, surrogate, test
 
