@@ -478,6 +478,10 @@ def _add_evaluate_command(subparsers) -> argparse.ArgumentParser:
                         help="an unlabelled pool: write logits only (also when the data has no "
                              "--label-column); test and ICL candidates default to 0, --icl must be 0. "
                              "Then `jaxprobe propose` picks the items to label")
+    parser.add_argument("--activations", type=int, default=None, metavar="N",
+                        help="also save every hook point's last-token activation from the same forward pass "
+                             "(pool/activations.npy [N, L+1, D]), and evaluate the N labelled examples --icl N "
+                             "would pick (examples/): what `--surrogate probe` trains on (needs --icl 0)")
     _add_evaluate_arguments(parser)
     parser.set_defaults(func=_evaluate_command)
     return parser
@@ -524,8 +528,10 @@ def _add_acquire_command(subparsers) -> argparse.ArgumentParser:
                "  jaxprobe acquire --target runs/zero --surrogate runs/icl50 --iid runs/iid "
                "--budget-offset auto --bootstrap 100 --out runs/ce-boot")
     parser.add_argument("--target", required=True, help="evaluate folder of the model under test")
-    parser.add_argument("--surrogate", help="evaluate folder of the surrogate, on the same pool rows "
-                                            "(needed by cross-entropy, entropy, nll, nll-exact and ase)")
+    parser.add_argument("--surrogate", help="evaluate folder or predictions file of the surrogate, on the same "
+                                            "pool rows (needed by cross-entropy, entropy, nll, nll-exact and "
+                                            "ase); `probe`: a probe on the target's own activations, trained on "
+                                            "its examples (the target evaluated with --activations N)")
     parser.add_argument("--out", required=True, help="output folder (new, empty, or an unfinished run)")
     parser.add_argument("--acquisition", default=s.acquisition, choices=ACQUISITIONS,
                         help="score w of each pool row: iid (uniform), cross-entropy (E_surrogate[-log "

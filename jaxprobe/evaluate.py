@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -102,6 +103,9 @@ class EvaluateConfig:
     progress: bool = True
     mesh: tuple[int, int] | None = None  # (data, model) devices; None: load_model's default
     no_labels: bool = False  # logits only; also when the data has no --label-column
+    # None: logits only. N: also every hook point's activation (same forward pass) for pool and
+    # test, and subset `examples`: the N labelled examples `--icl N` would pick (a probe surrogate's)
+    activations: int | None = None
 
     @property
     def resolved_instruction(self) -> str:
@@ -285,6 +289,12 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
         config = dataclasses.replace(config, **{k: 0 for k in ("test_size", "icl_candidates")
                                                 if getattr(config, k) is None and config.subsets is None})
         log(f"{split.source}: evaluating without labels (logits only)")
+    if config.activations is not None and (config.icl or config.activations < 0):
+        raise UserError(f"--activations {config.activations} needs --icl 0 (with examples in the prompt, a probe "
+                        "example's own label would be in its context) and N >= 0")
+    if config.activations and not split.labelled:
+        raise UserError(f"--activations {config.activations} picks labelled probe examples, but {split.source} "
+                        "has no labels; use --activations 0")
     subsets = make_or_load_subsets(config, split)
     k = len(config.label_words)
     candidate_rows = subset_rows(subsets, "icl_candidates")
@@ -300,6 +310,10 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
 
         lm = load_model(config.model, dtype=config.dtype, mesh_shape=config.mesh)
     rows = {name: subset_rows(subsets, name) for name in SUBSET_NAMES if len(subsets["rows"][name])}
+    if config.activations:  # the examples an N-shot evaluation with the same subsets puts in its prompt
+        rows["examples"] = candidate_rows[select_icl_examples(
+            split.labels(candidate_rows), config.activations, n_classes=k, seed=config.icl_seed,
+            selection=config.icl_selection)]
     prompts = {name: build_prompts(split.texts(r), instruction=config.resolved_instruction,
                                    answer_word=config.answer_word, examples=icl_examples)
                for name, r in rows.items()}
@@ -309,6 +323,8 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     settings = _settings(config, subsets, lm, label_token_ids, icl_rows)
     if not split.labelled:
         settings["labelled"] = False  # only then: labelled folders keep their settings
+    if config.activations is not None:
+        settings["activations"] = config.activations
     claim = lambda: claim_folder(out, "meta.json", settings, what="an evaluation", format=EVALUATION_FORMAT)  # noqa: E731
     if processes.decided(claim) is None:
         save_json(out / "meta.json", {  # first: it names the folder's settings
@@ -337,7 +353,8 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
         _evaluate_shards(lm, ids, out, config=config, label_token_ids=label_token_ids, prefix=prefix, rows=rows)
         for name in todo:
             _finish_subset(out / name, rows[name], split.labels(rows[name]), k, config.shard_size,
-                           extra={"prefix_tokens_cached": len(prefix)})
+                           extra={"prefix_tokens_cached": len(prefix)},
+                           activations=_activation_shape(lm) if config.activations is not None else None)
     metrics = processes.decided(lambda: {name: _finished_subset(out, name, rows[name], split.labels(rows[name]), k)
                                          for name in rows})
     for name, m in metrics.items():
@@ -369,7 +386,11 @@ def _evaluate_shards(lm, prompts: dict[str, list[list[int]]], out: Path, *, conf
 
     writers = {name: ShardedArrayWriter(out / name, len(texts), (len(label_token_ids),), config.shard_size)
                for name, texts in prompts.items()}
-    work = [(name, index) for name, writer in writers.items() for index in writer.pending()]
+    act_writers = {name: ShardedArrayWriter(out / name / ACTIVATION_SHARDS, len(texts), _activation_shape(lm),
+                                            config.shard_size)
+                   for name, texts in prompts.items()} if config.activations is not None else {}
+    work = sorted({(name, index) for name, writer in {**writers, **act_writers}.items()
+                   for index in writer.pending()})
     total = sum(len(t) for t in prompts.values())
     done_rows = total - sum(writers[name].slices[index].stop - writers[name].slices[index].start
                             for name, index in work)
@@ -379,22 +400,37 @@ def _evaluate_shards(lm, prompts: dict[str, list[list[int]]], out: Path, *, conf
                disable=not config.progress, dynamic_ncols=True)
     for name, index in work:
         part = writers[name].slices[index]
-        logits = lm.logits(prompts[name][part], token_ids=label_token_ids, prefix_tokens=prefix,
-                           batch_size=config.batch_size)
+        # one forward pass for the logits and, with --activations, every hook point's activation
+        found = lm.run(prompts[name][part], activations=bool(act_writers), token_ids=label_token_ids,
+                       prefix_tokens=prefix, batch_size=config.batch_size)
+        logits = found["logits"]
         bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
         if bad.size:
             raise UserError(f"{config.model} gave a NaN or infinite logit for {name} row "
                             f"{rows[name][part.start + bad[0]]} of {config.dataset}; try --dtype float32")
         writers[name].write(index, logits)
+        if act_writers:
+            act_writers[name].write(index, found["activations"])
         bar.update(part.stop - part.start)
     bar.close()
 
 
+ACTIVATION_SHARDS = "activation_shards"
+
+
+def _activation_shape(lm) -> tuple[int, int]:
+    return (lm.n_hook_points, lm.config.d_model)
+
+
 def _finish_subset(subset_dir: Path, rows: np.ndarray, labels: np.ndarray, n_classes: int, shard_size: int,
-                   extra: dict) -> None:
+                   extra: dict, activations: tuple[int, int] | None = None) -> None:
     if not processes.is_writer():
         return
     ShardedArrayWriter(subset_dir, len(rows), (n_classes,), shard_size).merge(subset_dir / "logits.npy")
+    if activations is not None:
+        acts = ShardedArrayWriter(subset_dir / ACTIVATION_SHARDS, len(rows), activations, shard_size)
+        acts.merge(subset_dir / "activations.npy")
+        shutil.rmtree(subset_dir / ACTIVATION_SHARDS, ignore_errors=True)
     logits = load_npy(subset_dir / "logits.npy")
     if labels is not None:
         save_npy(subset_dir / "labels.npy", labels)

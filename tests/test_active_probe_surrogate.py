@@ -69,3 +69,60 @@ def test_lure_with_refits_is_unbiased_by_exact_enumeration(refit_every):
         assert len(set(path)) == size
         np.testing.assert_allclose(q[r], paths[path], rtol=1e-9)
         np.testing.assert_allclose(est[r], E.estimate_from_draws("lure", losses[list(path)], q[r], n), rtol=1e-9)
+
+
+def test_evaluate_activations_and_acquire_with_the_probe_surrogate(tmp_path, tiny_ckpt, capsys):
+    """One forward pass gives logits and activations; the examples are those --icl N would pick;
+    `acquire --surrogate probe` equals a sweep with the probe's logits as the surrogate."""
+    import json
+
+    import jaxprobe
+    from jaxprobe.active.inputs import load_evaluation
+    from jaxprobe.active.sweep import run_sweep
+    from jaxprobe.cli import main
+    from jaxprobe.errors import UserError
+    from jaxprobe.evaluate import EvaluateConfig, run_evaluate
+    from jaxprobe.testing import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data.parquet", 100, seed=3)
+    lm = jaxprobe.load_model(tiny_ckpt)
+    base = {"model": str(tiny_ckpt), "dataset": str(data), "label_words": ("a", "positive"), "pool_size": 30,
+            "test_size": 10, "icl_candidates": 20, "shard_size": 8, "batch_size": 8, "progress": False}
+    quiet = {"lm": lm, "log": lambda *_: None}
+    out = run_evaluate(EvaluateConfig(out=str(tmp_path / "zero"), activations=6, **base), **quiet)
+    plain = run_evaluate(EvaluateConfig(out=str(tmp_path / "plain"), **base), **quiet)
+    acts = np.load(out / "pool" / "activations.npy")
+    assert acts.shape == (30, lm.n_hook_points, lm.config.d_model) and not (out / "pool" / "activation_shards").exists()
+    np.testing.assert_allclose(load_evaluation(out).logits, load_evaluation(plain).logits, atol=1e-5)
+    np.testing.assert_allclose(acts, lm.activations(lm.tokenize(_prompts(out)), batch_size=8), atol=1e-4)
+    few = run_evaluate(EvaluateConfig(out=str(tmp_path / "icl6"), icl=6, subsets=str(out), **{
+        **base, "pool_size": None, "test_size": None, "icl_candidates": None}), **quiet)
+    meta_few = json.loads((few / "meta.json").read_text())
+    assert load_evaluation(out, "examples").indices.tolist() == meta_few["icl"]["rows"]
+    with pytest.raises(UserError, match="needs --icl 0"):
+        run_evaluate(EvaluateConfig(out=str(tmp_path / "bad"), activations=6, icl=2, **base), **quiet)
+    assert main(["acquire", "--target", str(out), "--surrogate", "probe", "--runs", "8", "--size", "6",
+                 "--iid", "none", "--no-progress", "--out", str(tmp_path / "acq")]) == 0
+    target = load_evaluation(out)
+    surrogate, info = S.probe_surrogate(target)
+    assert 0 <= info["layer"] < lm.n_hook_points and info["examples"] == 6
+    expected = run_sweep(target.logits, surrogate.logits, target.labels, runs=8, size=6, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "acq" / "estimates.npy"), expected)
+    capsys.readouterr()
+    assert main(["acquire", "--target", str(plain), "--surrogate", "probe", "--out", str(tmp_path / "acq2")]) == 2
+    assert "--activations" in capsys.readouterr().err
+
+
+def _prompts(folder):
+    import json
+
+    import pandas as pd
+
+    from jaxprobe.active.inputs import load_evaluation
+    from jaxprobe.prompts import build_prompts
+
+    meta = json.loads((folder / "meta.json").read_text())
+    texts = pd.read_parquet(meta["dataset"])["text"]
+    rows = load_evaluation(folder).indices
+    return build_prompts([texts[int(r)] for r in rows], instruction=meta["instruction"],
+                         answer_word=meta["answer_word"], examples=[])

@@ -67,7 +67,11 @@ def load_inputs(config: AcquireConfig):
     target = load_acquire_input(config.target, flag="--target")  # an evaluate folder or a predictions file
     needs_surrogate = config.sweep.acquisition in NEEDS_SURROGATE or config.sweep.estimator == "ase"
     surrogate = None
-    if config.surrogate is not None:
+    if config.surrogate == "probe":  # a probe on the target's own activations (evaluate --activations)
+        from jaxprobe.active.probe_surrogate import probe_surrogate
+
+        surrogate = probe_surrogate(target)[0]
+    elif config.surrogate is not None:
         surrogate = load_acquire_input(config.surrogate, flag="--surrogate", like=target)
         check_same_rows(target, surrogate)
     elif needs_surrogate:

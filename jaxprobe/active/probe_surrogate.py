@@ -225,3 +225,43 @@ def adaptive_sweep(target_logits, labels, pool_features, example_features, examp
             jnp.asarray(log_p), jnp.asarray(losses), jnp.asarray(clip, jnp.float64), size=size,
             refit_every=refit_every, k=z.shape[1], l2=l2, steps=steps)
         return tuple(np.asarray(a) for a in out)
+
+
+# ---------------------------------------------------------------- from an evaluate folder
+
+def load_probe_data(directory, *, flag: str = "--target"):
+    """(pool activations [N, L+1, D] (memory-mapped), example activations [n, L+1, D], example
+    labels [n]) of an evaluate folder written with `--activations N`."""
+    from pathlib import Path
+
+    from jaxprobe.files import load_npy
+
+    directory = Path(directory)
+    pool, examples = directory / "pool" / "activations.npy", directory / "examples"
+    if not pool.is_file():
+        raise UserError(f"{flag} {directory}: no pool/activations.npy; a probe surrogate needs the target "
+                        "evaluated with --activations N (N labelled examples to train it on)")
+    if not (examples / "activations.npy").is_file():
+        raise UserError(f"{flag} {directory}: no examples/ subset; evaluate with --activations N, N > 0")
+    return (load_npy(pool, mmap=True), load_npy(examples / "activations.npy"),
+            load_npy(examples / "labels.npy").astype(np.int64))
+
+
+def probe_surrogate(target, *, folds: int = DEFAULT_FOLDS, seed: int = 0, l2: float = DEFAULT_L2,
+                    steps: int = DEFAULT_STEPS, flag: str = "--target"):
+    """The probe surrogate of an evaluated target (`inputs.Evaluation` of its pool): an Evaluation
+    of the same rows whose logits are the probe's, plus {layer, cv_log_loss, examples}."""
+    import dataclasses
+
+    pool_acts, ex_acts, ex_y = load_probe_data(target.directory, flag=flag)
+    if pool_acts.shape[0] != len(target.indices):
+        raise UserError(f"{flag} {target.directory}: pool/activations.npy has {pool_acts.shape[0]} rows, "
+                        f"logits.npy {len(target.indices)}")
+    k = target.n_classes
+    layer, cv = choose_layer(ex_acts, ex_y, k, folds=folds, seed=seed, l2=l2, steps=steps)
+    logits = probe_logits(ex_acts[:, layer], ex_y, np.asarray(pool_acts[:, layer]), k, l2=l2, steps=steps)
+    info = {"layer": layer, "cv_log_loss": [float(x) for x in cv], "examples": len(ex_y)}
+    meta = {**target.meta, "icl": {"n": len(ex_y)}, "model": f"probe on {target.meta.get('model')}",
+            "probe": info}
+    return dataclasses.replace(target, directory=target.directory / "probe", logits=logits.astype(np.float32),
+                               meta=meta, metrics={}), info
