@@ -34,6 +34,7 @@ from jaxprobe.experiments import (
     ActiveExperimentConfig,
     ProbeExperimentConfig,
     active_experiment,
+    label_demo,
     probe_experiment,
     run_demo,
 )
@@ -55,8 +56,11 @@ DEMO_DESCRIPTION = """`jaxprobe demo`: the main job, end to end, on the embedded
 2. `jaxprobe probe-experiment`: the probing reference experiment (IMDB, 100 train / 300 test, raw
    and 5-shot templates, every layer, two probe recipes, 10 seeds) -> runs/probe-experiment.
 3. `jaxprobe active-experiment`: the active-testing SST-2 experiment (zero-shot and 50-shot
-   targets, 50-shot surrogate, CE / entropy / NLL acquisitions vs iid, LURE, ASE; 3000 runs x 400
-   labels) -> runs/active-experiment.
+   targets, 50-shot surrogate and a probe surrogate on the zero-shot target's activations, CE /
+   entropy / NLL acquisitions vs iid, LURE, ASE; 3000 runs x 400 labels) -> runs/active-experiment.
+4. Active testing for real, once: `jaxprobe propose` 100 items of the zero-shot target's pool,
+   labels read from the held-back truth, `jaxprobe estimate`: the estimate and its 95% interval
+   next to the true pool value.
 Every stage is resumable: rerun the same command after an interruption. About 20-25 minutes on
 2 CPU cores; `--quick` runs smaller versions of both experiments in a few minutes.
 """
@@ -139,6 +143,10 @@ def _cmd_demo(args) -> int:
         status = main(argv)
         if status:
             return status
+    if not args.skip_active:
+        out = QUICK_ACTIVE[-1] if args.quick else "runs/active-experiment"
+        print(f"\n=== jaxprobe propose -> labels from the held-back truth -> jaxprobe estimate ({out})", flush=True)
+        label_demo(out)
     return 0
 
 
@@ -614,7 +622,8 @@ def _add_propose_command(subparsers) -> argparse.ArgumentParser:
                "  jaxprobe propose --target runs/zero --surrogate runs/surrogate --size 100 --out runs/queue")
     parser.add_argument("--target", required=True, help="the model under test: " + PREDICTIONS_HELP)
     parser.add_argument("--surrogate", help="the surrogate on the same items (needed by cross-entropy and "
-                                            "entropy): " + PREDICTIONS_HELP)
+                                            "entropy): " + PREDICTIONS_HELP + "; or `probe`, a probe on the "
+                                            "target's activations (evaluated with --activations N)")
     parser.add_argument("--out", required=True, help="queue folder (new, or an earlier queue to extend)")
     parser.add_argument("--acquisition", default=d.acquisition, choices=PROPOSE_ACQUISITIONS,
                         help="score of each item, as in acquire (default: %(default)s)")
@@ -682,6 +691,9 @@ def _add_active_experiment_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--acquisitions", type=_acquisitions, default=d.acquisitions, metavar="A,B,...",
                         help="compared with iid (default: %s)" % ",".join(d.acquisitions))
     parser.add_argument("--no-ase", dest="ase", action="store_false", help="leave out the ASE estimate")
+    parser.add_argument("--no-probe", dest="probe", action="store_false",
+                        help="leave out the probe surrogate (a probe on the zero-shot target's activations, "
+                             "trained on the same --icl examples, beside the in-context surrogate)")
     parser.add_argument("--runs", type=int, default=d.runs, help="runs per sweep (default: %(default)s)")
     parser.add_argument("--size", type=int, default=d.size, help="labels acquired per run (default: %(default)s)")
     parser.add_argument("--clip", type=float, default=d.clip,

@@ -167,7 +167,13 @@ def propose(config: ProposeConfig, *, log=print) -> dict:
         raise UserError(f"--out {out} is a file, not a folder")
     target = load_pool(config.target, flag="--target")
     surrogate = None
-    if config.surrogate is not None:
+    if config.surrogate == "probe":  # a probe on the target's activations (evaluate --activations N)
+        from jaxprobe.active.inputs import load_evaluation
+        from jaxprobe.active.probe_surrogate import probe_surrogate
+
+        probe = probe_surrogate(load_evaluation(config.target, "pool", need_labels=False))[0]
+        surrogate = dataclasses.replace(target, source="probe", logits=np.asarray(probe.logits, np.float64))
+    elif config.surrogate is not None:
         surrogate = aligned(target, load_pool(config.surrogate, flag="--surrogate"))
     _check_propose(config, target, surrogate)
     labels = np.zeros(len(target.ids), np.int64)  # no acquisition here reads them
