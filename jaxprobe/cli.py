@@ -581,6 +581,10 @@ def _add_acquire_command(subparsers) -> argparse.ArgumentParser:
                              "reference code (default: %(default)s)")
     parser.add_argument("--bootstrap-budgets", type=_budgets, default=None, metavar="K1,K2,...",
                         help="label budgets of the bootstrap (default: every 25 labels and --size)")
+    parser.add_argument("--refit-every", type=int, default=d.refit_every, metavar="N",
+                        help="with --surrogate probe: refit the probe every N acquired labels inside each run, "
+                             "on its examples plus the labels acquired before (LURE stays unbiased); N must "
+                             "divide --size (default: never)")
     parser.add_argument("--chunk-runs", type=int, default=d.chunk_runs,
                         help="runs per compiled chunk; one checkpoint per chunk (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=d.threads,

@@ -108,9 +108,20 @@ def test_evaluate_activations_and_acquire_with_the_probe_surrogate(tmp_path, tin
     assert 0 <= info["layer"] < lm.n_hook_points and info["examples"] == 6
     expected = run_sweep(target.logits, surrogate.logits, target.labels, runs=8, size=6, progress=False)
     np.testing.assert_array_equal(np.load(tmp_path / "acq" / "estimates.npy"), expected)
+    # --refit-every: the probe refitted inside each run, the same draws as adaptive_sweep
+    assert main(["acquire", "--target", str(out), "--surrogate", "probe", "--refit-every", "3", "--runs", "8",
+                 "--size", "6", "--iid", "none", "--no-progress", "--out", str(tmp_path / "refit")]) == 0
+    pool_acts, ex_acts, ex_y = S.load_probe_data(out)
+    layer = info["layer"]
+    est, _, _ = S.adaptive_sweep(target.logits, target.labels, pool_acts[:, layer], ex_acts[:, layer], ex_y,
+                                 runs=8, size=6, refit_every=3)
+    np.testing.assert_allclose(np.load(tmp_path / "refit" / "estimates.npy"), est.T, rtol=1e-12)
     capsys.readouterr()
     assert main(["acquire", "--target", str(plain), "--surrogate", "probe", "--out", str(tmp_path / "acq2")]) == 2
     assert "--activations" in capsys.readouterr().err
+    assert main(["acquire", "--target", str(out), "--surrogate", str(plain), "--refit-every", "3",
+                 "--out", str(tmp_path / "acq3")]) == 2
+    assert "--refit-every needs --surrogate probe" in capsys.readouterr().err
 
 
 def _prompts(folder):

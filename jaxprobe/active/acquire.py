@@ -56,6 +56,7 @@ class AcquireConfig:
     bootstrap_resamples: int = 1000
     bootstrap_variance: str = "paper"
     bootstrap_budgets: tuple[int, ...] | None = None
+    refit_every: int = 0  # with --surrogate probe: refit it every N acquired labels (0: never)
     chunk_runs: int = DEFAULT_CHUNK_RUNS
     threads: int = 2
     checkpoint_every: float = 30.0
@@ -154,6 +155,10 @@ def _check_flags(config: AcquireConfig) -> None:
                                ("--checkpoint-every", config.checkpoint_every, 0)):
         if value < least:
             raise UserError(f"{flag} must be at least {least}, not {value}")
+    if config.refit_every and (config.surrogate != "probe" or config.sweep.acquisition != "cross-entropy"
+                               or config.sweep.estimator != "lure" or config.bootstrap or config.refit_every < 0):
+        raise UserError("--refit-every needs --surrogate probe, --acquisition cross-entropy, --estimator lure "
+                        "and no --bootstrap")
     if config.bootstrap > config.sweep.runs:
         raise UserError(f"--bootstrap {config.bootstrap} is more than --runs {config.sweep.runs}")
 
@@ -187,6 +192,10 @@ def _run_acquire_checked(config: AcquireConfig, out: Path, target, surrogate, te
     if sweep.estimator == "ase":
         estimates = np.full((sweep.size, sweep.runs), ase_estimate(target.logits, surrogate_logits, sweep.temperature))
         pool = None
+    elif config.refit_every:  # the probe refitted inside each run: its own vmapped sampler
+        from jaxprobe.active.probe_surrogate import refit_sweep
+
+        estimates, pool = refit_sweep(target, sweep, config.refit_every, progress=config.progress), None
     else:
         pool = prepare_pool(target.logits, surrogate_logits, target.labels, sweep)
         estimates = sweep_pool(pool, sweep, checkpoint_dir=out / "checkpoint", desc=sweep.acquisition, **common)

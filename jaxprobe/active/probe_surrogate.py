@@ -265,3 +265,30 @@ def probe_surrogate(target, *, folds: int = DEFAULT_FOLDS, seed: int = 0, l2: fl
             "probe": info}
     return dataclasses.replace(target, directory=target.directory / "probe", logits=logits.astype(np.float32),
                                meta=meta, metrics={}), info
+
+
+def refit_sweep(target, sweep, refit_every: int, *, chunk_runs: int = 64, progress: bool = False,
+                l2: float = DEFAULT_L2, steps: int = DEFAULT_STEPS) -> np.ndarray:
+    """`acquire --surrogate probe --refit-every R`: estimates [size, runs] of cross-entropy
+    acquisition with LURE, the probe (on the layer cross-validation picks from the examples)
+    refitted every R labels inside each run; runs in chunks (run r's draws depend on r only)."""
+    from tqdm.auto import tqdm
+
+    pool_acts, ex_acts, ex_y = load_probe_data(target.directory)
+    layer, _ = choose_layer(ex_acts, ex_y, target.n_classes, l2=l2, steps=steps)
+    pool_x, ex_x = np.asarray(pool_acts[:, layer]), ex_acts[:, layer]
+    jax, jnp = _jax()
+    from jaxprobe.active.sampler import stream_key
+
+    key = stream_key(sweep.seed, f"probe-refit/{refit_every}")
+    out = np.zeros((sweep.size, sweep.runs))
+    for start in tqdm(range(0, sweep.runs, chunk_runs), desc="probe refits", unit="chunk", disable=not progress):
+        stop = min(start + chunk_runs, sweep.runs)
+        with jax.enable_x64(True):
+            u = np.asarray(jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), (sweep.size,),
+                                                                 jnp.float64))(jnp.arange(start, stop)))
+        est, _, _ = adaptive_sweep(target.logits, target.labels, pool_x, ex_x, ex_y, runs=stop - start,
+                                   size=sweep.size, refit_every=refit_every, clip=sweep.resolved_clip, l2=l2,
+                                   steps=steps, uniforms=u)
+        out[:, start:stop] = est.T
+    return out
