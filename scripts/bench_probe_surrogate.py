@@ -74,7 +74,7 @@ def main() -> None:
     print(f"{out}: {platform.processor() or platform.machine()}; sweeps of {runs} runs")
     zero = load_evaluation(out / "evaluations" / "target-0shot")
     probe, info = probe_surrogate(zero)
-    print(f"probe: hook point {info['layer']} of {len(info['cv_log_loss'])}, {info['examples']} examples, "
+    print(f"probe: hook point {info['layer']} of {len(info['cv_log_loss'])}, l2 {info['l2']}, {info['examples']} examples, "
           f"cross-validated log-loss {min(info['cv_log_loss']):.4f}")
     few_dir = min(p for p in (out / "evaluations").glob("target-*shot") if p.name != "target-0shot")
     icl = load_evaluation(few_dir)
@@ -109,7 +109,7 @@ def main() -> None:
         truth = float(I.per_example_metrics(zero.logits, zero.labels)["loss"].mean())
         t0 = time.time()
         est, _, _ = adaptive_sweep(zero.logits, zero.labels, np.asarray(pool_acts[:, layer]), ex_acts[:, layer], ex_y,
-                                   runs=args.refit_runs, size=400, refit_every=args.refit_every)
+                                   runs=args.refit_runs, size=400, refit_every=args.refit_every, l2=info["l2"])
         se = np.median((est - truth) ** 2, axis=0)
         ests = np.load(out / "sweeps" / "0shot" / "probe-cross-entropy" / "estimates.npy")[:, :args.refit_runs]
         fixed = np.median((ests - truth) ** 2, axis=1)

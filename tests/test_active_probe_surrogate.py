@@ -19,8 +19,9 @@ def test_cross_validation_picks_the_informative_layer():
     y = np.arange(n) % k
     feats = rng.normal(size=(n, 4, 8)).astype(np.float32)
     feats[:, 2, :3] += 3.0 * np.eye(k)[y]  # only layer 2 knows the class
-    layer, losses = S.choose_layer(feats, y, k, steps=200)
-    assert layer == 2 and losses[2] < 0.5 * min(np.delete(losses, 2))
+    layer, l2, losses = S.choose_layer(feats, y, k, steps=200)
+    best = losses.min(axis=1)
+    assert layer == 2 and best[2] < 0.5 * min(np.delete(best, 2)) and l2 in S.L2_GRID
     logits = S.probe_logits(feats[:, 2], y, feats[:, 2], k, steps=200)
     assert np.mean(np.argmax(logits, 1) == y) > 0.9
 
@@ -114,7 +115,7 @@ def test_evaluate_activations_and_acquire_with_the_probe_surrogate(tmp_path, tin
     pool_acts, ex_acts, ex_y = S.load_probe_data(out)
     layer = info["layer"]
     est, _, _ = S.adaptive_sweep(target.logits, target.labels, pool_acts[:, layer], ex_acts[:, layer], ex_y,
-                                 runs=8, size=6, refit_every=3)
+                                 runs=8, size=6, refit_every=3, l2=info["l2"])
     np.testing.assert_allclose(np.load(tmp_path / "refit" / "estimates.npy"), est.T, rtol=1e-12)
     capsys.readouterr()
     assert main(["acquire", "--target", str(plain), "--surrogate", "probe", "--out", str(tmp_path / "acq2")]) == 2

@@ -4,8 +4,9 @@ The in-context surrogate spends n labelled examples (the paper's 50) on its prom
 labels can train a K-way logistic probe on the target's residual stream instead, read in the
 same forward pass as the target's logits (`evaluate --activations`):
 
-  * `choose_layer`: for every hook point, F-fold cross-validated log-loss of an L2 logistic probe
-    trained on the labelled examples (layers x folds in one vmapped program); the best layer wins;
+  * `choose_layer`: for every hook point and L2 strength, F-fold cross-validated log-loss of a
+    logistic probe trained on the labelled examples (layers x strengths x folds in one vmapped
+    program); the best pair wins (a weak penalty gives an overconfident surrogate);
   * `probe_logits`: the probe refitted on all examples at that layer, applied to the pool: the
     surrogate's class logits [N, K], used by any acquisition exactly as an evaluated surrogate's;
   * `adaptive_sweep` (`--refit-every R`): many runs (vmapped over per-run keys) in which the probe
@@ -28,6 +29,7 @@ import numpy as np
 from jaxprobe.errors import UserError
 
 DEFAULT_L2 = 1e-2
+L2_GRID = (1e-2, 1e-1, 1.0, 10.0)  # cross-validated with the layer: 50 examples in ~600 dimensions overfit
 DEFAULT_STEPS = 300
 DEFAULT_FOLDS = 5
 
@@ -78,10 +80,10 @@ def _predict(fitted, x):
 def _cv_program():
     jax, jnp = _jax()
 
-    @functools.partial(jax.jit, static_argnames=("k", "l2", "steps"))
-    def cv(features, labels, fold_of, n_folds_arr, *, k, l2, steps):
-        # features [L, n, D]; per layer and fold: train on the other folds, log-loss on this one
-        def one(x, f):
+    @functools.partial(jax.jit, static_argnames=("k", "steps"))
+    def cv(features, labels, fold_of, n_folds_arr, l2_grid, *, k, steps):
+        # features [L, n, D]; per layer, strength and fold: train on the other folds, log-loss on this one
+        def one(x, f, l2):
             train = (fold_of != f).astype(x.dtype)
             fitted = _fit(x, labels, train, k=k, l2=l2, steps=steps)
             logp = jax.nn.log_softmax(_predict(fitted, x))
@@ -89,16 +91,18 @@ def _cv_program():
             ce = -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
             return (held * ce).sum(), held.sum()
 
-        loss, count = jax.vmap(lambda x: jax.vmap(lambda f: one(x, f))(n_folds_arr))(features)
-        return loss.sum(1) / count.sum(1)  # [L] mean held-out log-loss
+        per_fold = lambda x, l2: jax.vmap(lambda f: one(x, f, l2))(n_folds_arr)
+        loss, count = jax.vmap(lambda x: jax.vmap(lambda l2: per_fold(x, l2))(l2_grid))(features)
+        return loss.sum(-1) / count.sum(-1)  # [L, G] mean held-out log-loss
 
     return cv
 
 
 def choose_layer(features: np.ndarray, labels: np.ndarray, n_classes: int, *, folds: int = DEFAULT_FOLDS,
-                 seed: int = 0, l2: float = DEFAULT_L2, steps: int = DEFAULT_STEPS) -> tuple[int, np.ndarray]:
-    """(best hook point, held-out log-loss of every hook point [L]) by `folds`-fold cross-validation
-    on labelled examples `features` [n, L, D] (class-stratified folds, seeded)."""
+                 seed: int = 0, l2_grid=L2_GRID, steps: int = DEFAULT_STEPS) -> tuple[int, float, np.ndarray]:
+    """(best hook point, its best L2 strength, held-out log-loss [L, len(l2_grid)]) by
+    `folds`-fold cross-validation on labelled examples `features` [n, L, D] (class-stratified
+    folds, seeded)."""
     _, jnp = _jax()
     features = np.asarray(features, np.float32)
     labels = np.asarray(labels, np.int64)
@@ -111,10 +115,11 @@ def choose_layer(features: np.ndarray, labels: np.ndarray, n_classes: int, *, fo
     fold_of = np.empty(n, np.int32)
     fold_of[order] = np.arange(n) % folds  # each class dealt round the folds
     losses = _cv_program()(jnp.asarray(features.transpose(1, 0, 2)), jnp.asarray(labels, jnp.int32),
-                           jnp.asarray(fold_of), jnp.arange(folds, dtype=jnp.int32), k=n_classes, l2=l2,
-                           steps=steps)
+                           jnp.asarray(fold_of), jnp.arange(folds, dtype=jnp.int32),
+                           jnp.asarray(l2_grid, jnp.float32), k=n_classes, steps=steps)
     losses = np.asarray(losses, np.float64)
-    return int(np.argmin(losses)), losses
+    layer, strength = np.unravel_index(int(np.argmin(losses)), losses.shape)
+    return int(layer), float(l2_grid[strength]), losses
 
 
 def probe_logits(example_features: np.ndarray, example_labels: np.ndarray, pool_features: np.ndarray,
@@ -247,8 +252,8 @@ def load_probe_data(directory, *, flag: str = "--target"):
             load_npy(examples / "labels.npy").astype(np.int64))
 
 
-def probe_surrogate(target, *, folds: int = DEFAULT_FOLDS, seed: int = 0, l2: float = DEFAULT_L2,
-                    steps: int = DEFAULT_STEPS, flag: str = "--target"):
+def probe_surrogate(target, *, folds: int = DEFAULT_FOLDS, seed: int = 0, steps: int = DEFAULT_STEPS,
+                    flag: str = "--target"):
     """The probe surrogate of an evaluated target (`inputs.Evaluation` of its pool): an Evaluation
     of the same rows whose logits are the probe's, plus {layer, cv_log_loss, examples}."""
     import dataclasses
@@ -258,9 +263,9 @@ def probe_surrogate(target, *, folds: int = DEFAULT_FOLDS, seed: int = 0, l2: fl
         raise UserError(f"{flag} {target.directory}: pool/activations.npy has {pool_acts.shape[0]} rows, "
                         f"logits.npy {len(target.indices)}")
     k = target.n_classes
-    layer, cv = choose_layer(ex_acts, ex_y, k, folds=folds, seed=seed, l2=l2, steps=steps)
+    layer, l2, cv = choose_layer(ex_acts, ex_y, k, folds=folds, seed=seed, steps=steps)
     logits = probe_logits(ex_acts[:, layer], ex_y, np.asarray(pool_acts[:, layer]), k, l2=l2, steps=steps)
-    info = {"layer": layer, "cv_log_loss": [float(x) for x in cv], "examples": len(ex_y)}
+    info = {"layer": layer, "l2": l2, "cv_log_loss": [float(x) for x in cv.min(axis=1)], "examples": len(ex_y)}
     meta = {**target.meta, "icl": {"n": len(ex_y)}, "model": f"probe on {target.meta.get('model')}",
             "probe": info}
     return dataclasses.replace(target, directory=target.directory / "probe", logits=logits.astype(np.float32),
@@ -268,14 +273,14 @@ def probe_surrogate(target, *, folds: int = DEFAULT_FOLDS, seed: int = 0, l2: fl
 
 
 def refit_sweep(target, sweep, refit_every: int, *, chunk_runs: int = 64, progress: bool = False,
-                l2: float = DEFAULT_L2, steps: int = DEFAULT_STEPS) -> np.ndarray:
+                steps: int = DEFAULT_STEPS) -> np.ndarray:
     """`acquire --surrogate probe --refit-every R`: estimates [size, runs] of cross-entropy
     acquisition with LURE, the probe (on the layer cross-validation picks from the examples)
     refitted every R labels inside each run; runs in chunks (run r's draws depend on r only)."""
     from tqdm.auto import tqdm
 
     pool_acts, ex_acts, ex_y = load_probe_data(target.directory)
-    layer, _ = choose_layer(ex_acts, ex_y, target.n_classes, l2=l2, steps=steps)
+    layer, l2, _ = choose_layer(ex_acts, ex_y, target.n_classes, steps=steps)
     pool_x, ex_x = np.asarray(pool_acts[:, layer]), ex_acts[:, layer]
     jax, jnp = _jax()
     from jaxprobe.active.sampler import stream_key
