@@ -661,7 +661,7 @@ def _add_estimate_command(subparsers) -> argparse.ArgumentParser:
                         help="report the labels needed for an interval of +- this (default: %(default)s)")
     parser.add_argument("--interval", default=d.interval, choices=("auto", *INTERVAL_METHODS),
                         help="variance estimator: hybrid (the larger of martingale and the surrogate's "
-                             "expected variance; measured coverage 0.94-0.99), martingale, bootstrap "
+                             "expected variance; measured coverage 0.935-0.989), martingale, bootstrap "
                              "(the paper's); auto = hybrid when the queue had a surrogate (default: %(default)s)")
     parser.add_argument("--out", default=None, help="also write the result as JSON to this file")
     parser.set_defaults(func=lambda args: estimate(_config_from_args(EstimateConfig, args)) and 0)
