@@ -18,6 +18,14 @@ from jaxprobe import prompts
 from jaxprobe.active.acquire import AcquireConfig, run_acquire
 from jaxprobe.active.bootstrap import BOOTSTRAP_VARIANCES
 from jaxprobe.active.estimators import ACQUISITIONS, ESTIMATORS
+from jaxprobe.active.interval import INTERVAL_METHODS
+from jaxprobe.active.queue import (
+    PROPOSE_ACQUISITIONS,
+    EstimateConfig,
+    ProposeConfig,
+    estimate,
+    propose,
+)
 from jaxprobe.active.sweep import SweepConfig
 from jaxprobe.errors import UserError
 from jaxprobe.evaluate import DEFAULT_SIZES, EvaluateConfig, run_evaluate
@@ -27,6 +35,7 @@ from jaxprobe.experiments import (
     ProbeExperimentConfig,
     active_experiment,
     active_experiment_tasks,
+    label_demo,
     probe_experiment,
     probe_experiment_tasks,
     run_demo,
@@ -49,8 +58,11 @@ DEMO_DESCRIPTION = """`jaxprobe demo`: the main job, end to end, on the embedded
 2. `jaxprobe probe-experiment`: the probing reference experiment (IMDB, 100 train / 300 test, raw
    and 5-shot templates, every layer, two probe recipes, 10 seeds) -> runs/probe-experiment.
 3. `jaxprobe active-experiment`: the active-testing SST-2 experiment (zero-shot and 50-shot
-   targets, 50-shot surrogate, CE / entropy / NLL acquisitions vs iid, LURE, ASE; 3000 runs x 400
-   labels) -> runs/active-experiment.
+   targets, 50-shot surrogate and a probe surrogate on the zero-shot target's activations, CE /
+   entropy / NLL acquisitions vs iid, LURE, ASE; 3000 runs x 400 labels) -> runs/active-experiment.
+4. Active testing for real, once: `jaxprobe propose` 100 items of the zero-shot target's pool,
+   labels read from the held-back truth, `jaxprobe estimate`: the estimate and its 95% interval
+   next to the true pool value.
 Every stage is resumable: rerun the same command after an interruption. About 20-25 minutes on
 2 CPU cores; `--quick` runs smaller versions of both experiments in a few minutes.
 """
@@ -134,6 +146,10 @@ def _cmd_demo(args) -> int:
         status = main(argv)
         if status:
             return status
+    if not args.skip_active:
+        out = QUICK_ACTIVE[-1] if args.quick else "runs/active-experiment"
+        print(f"\n=== jaxprobe propose -> labels from the held-back truth -> jaxprobe estimate ({out})", flush=True)
+        label_demo(out)
     return 0
 
 
@@ -518,6 +534,14 @@ def _add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--task", default=None, metavar="NAME|FILE",
                         help="a task preset or a .toml/.json task file: data, prompt and subset sizes. "
                              + _task_help())
+    parser.add_argument("--no-labels", action="store_true",
+                        help="an unlabelled pool: write logits only (also when the data has no "
+                             "--label-column); test and ICL candidates default to 0, --icl must be 0. "
+                             "Then `jaxprobe propose` picks the items to label")
+    parser.add_argument("--activations", type=int, default=None, metavar="N",
+                        help="also save every hook point's last-token activation from the same forward pass "
+                             "(pool/activations.npy [N, L+1, D]), and evaluate the N labelled examples --icl N "
+                             "would pick (examples/): what `--surrogate probe` trains on (needs --icl 0)")
     _add_evaluate_arguments(parser)
     parser.set_defaults(func=_evaluate_command)
     return parser
@@ -567,8 +591,10 @@ def _add_acquire_command(subparsers) -> argparse.ArgumentParser:
                "  jaxprobe acquire --target runs/zero --surrogate runs/icl50 --iid runs/iid "
                "--budget-offset auto --bootstrap 100 --out runs/ce-boot")
     parser.add_argument("--target", required=True, help="evaluate folder of the model under test")
-    parser.add_argument("--surrogate", help="evaluate folder of the surrogate, on the same pool rows "
-                                            "(needed by cross-entropy, entropy, nll, nll-exact and ase)")
+    parser.add_argument("--surrogate", help="evaluate folder or predictions file of the surrogate, on the same "
+                                            "pool rows (needed by cross-entropy, entropy, nll, nll-exact and "
+                                            "ase); `probe`: a probe on the target's own activations, trained on "
+                                            "its examples (the target evaluated with --activations N)")
     parser.add_argument("--out", required=True, help="output folder (new, empty, or an unfinished run)")
     parser.add_argument("--acquisition", default=s.acquisition, choices=ACQUISITIONS,
                         help="score w of each pool row: iid (uniform), cross-entropy (E_surrogate[-log "
@@ -610,6 +636,10 @@ def _add_acquire_command(subparsers) -> argparse.ArgumentParser:
                              "reference code (default: %(default)s)")
     parser.add_argument("--bootstrap-budgets", type=_budgets, default=None, metavar="K1,K2,...",
                         help="label budgets of the bootstrap (default: every 25 labels and --size)")
+    parser.add_argument("--refit-every", type=int, default=d.refit_every, metavar="N",
+                        help="with --surrogate probe: refit the probe every N acquired labels inside each run, "
+                             "on its examples plus the labels acquired before (LURE stays unbiased); N must "
+                             "divide --size (default: never)")
     parser.add_argument("--chunk-runs", type=int, default=d.chunk_runs,
                         help="runs per compiled chunk; one checkpoint per chunk (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=d.threads,
@@ -628,6 +658,69 @@ def _acquire_command(args: argparse.Namespace) -> int:
         return 0  # arrays in, arrays out: process 0 alone runs the sweeps and writes
     run_acquire(_config_from_args(AcquireConfig, args, sweep=_config_from_args(SweepConfig, args)))
     return 0
+
+
+PREDICTIONS_HELP = ("an evaluate folder, or a predictions file: .npy [N, K], or .csv/.parquet with an id "
+                    "column and one column per class (logits or probabilities; optional label and text)")
+
+
+def _add_propose_command(subparsers) -> argparse.ArgumentParser:
+    d = ProposeConfig()
+    parser = subparsers.add_parser(
+        "propose", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="which items of an unlabelled pool to label: a seeded labelling queue (active testing for real)",
+        description="Draw --size items of the pool with the clipped proposal and sampler of `acquire` (one "
+                    "run, seeded, reproducible) and write a labelling queue: OUT/queue.csv and "
+                    "OUT/queue.jsonl (order, item id, text, proposal probability, the target's "
+                    "log-probabilities) and OUT/queue.json. Rerun with a larger --size and the same --out to "
+                    "extend the queue: its first items stay the same. Label the items in order, then run "
+                    "`jaxprobe estimate`.",
+        epilog="example:\n  jaxprobe evaluate --no-labels --dataset pool.csv --out runs/zero\n"
+               "  jaxprobe evaluate --no-labels --dataset pool.csv --model OTHER --subsets runs/zero "
+               "--out runs/surrogate\n"
+               "  jaxprobe propose --target runs/zero --surrogate runs/surrogate --size 100 --out runs/queue")
+    parser.add_argument("--target", required=True, help="the model under test: " + PREDICTIONS_HELP)
+    parser.add_argument("--surrogate", help="the surrogate on the same items (needed by cross-entropy and "
+                                            "entropy): " + PREDICTIONS_HELP + "; or `probe`, a probe on the "
+                                            "target's activations (evaluated with --activations N)")
+    parser.add_argument("--out", required=True, help="queue folder (new, or an earlier queue to extend)")
+    parser.add_argument("--acquisition", default=d.acquisition, choices=PROPOSE_ACQUISITIONS,
+                        help="score of each item, as in acquire (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=d.size, help="items in the queue (default: %(default)s)")
+    parser.add_argument("--seed", type=_seed, default=d.seed, help="(default: %(default)s)")
+    parser.add_argument("--clip", type=_clip_value, default=None, metavar="ALPHA",
+                        help="proposal floor alpha/n_left, in (0, 1) (default: 0.1, the paper's)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="divide the surrogate's logits by T in the score (default: none)")
+    parser.set_defaults(func=lambda args: propose(_config_from_args(ProposeConfig, args)) and 0)
+    return parser
+
+
+def _add_estimate_command(subparsers) -> argparse.ArgumentParser:
+    d = EstimateConfig()
+    parser = subparsers.add_parser(
+        "estimate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="the target's loss and accuracy with a confidence interval, from a labelled queue",
+        description="From a `jaxprobe propose` queue and the labels given so far (items used in queue order "
+                    "up to the first one without a label), the LURE estimate of the target's mean loss and "
+                    "accuracy on the whole pool, its confidence interval for this one run, and how many "
+                    "labels an interval of +- --half-width needs. Labels: a .csv with columns id,label or a "
+                    ".jsonl of {\"id\": ..., \"label\": ...}; a label is a class id 0..K-1 or a label word. "
+                    "Prints the result; writes nothing unless --out FILE.",
+        epilog="example:\n  jaxprobe estimate --queue runs/queue --labels labels.csv --half-width 0.02")
+    parser.add_argument("--queue", required=True, help="a folder written by jaxprobe propose")
+    parser.add_argument("--labels", required=True, help="labels file (.csv id,label or .jsonl)")
+    parser.add_argument("--target", help="check that the queue was proposed on this pool (" + PREDICTIONS_HELP + ")")
+    parser.add_argument("--level", type=float, default=d.level, help="confidence level (default: %(default)s)")
+    parser.add_argument("--half-width", type=float, default=d.half_width,
+                        help="report the labels needed for an interval of +- this (default: %(default)s)")
+    parser.add_argument("--interval", default=d.interval, choices=("auto", *INTERVAL_METHODS),
+                        help="variance estimator: hybrid (the larger of martingale and the surrogate's "
+                             "expected variance; measured coverage 0.935-0.989), martingale, bootstrap "
+                             "(the paper's); auto = hybrid when the queue had a surrogate (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="also write the result as JSON to this file")
+    parser.set_defaults(func=lambda args: estimate(_config_from_args(EstimateConfig, args)) and 0)
+    return parser
 
 
 def _acquisitions(value: str) -> tuple[str, ...]:
@@ -662,6 +755,9 @@ def _add_active_experiment_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--acquisitions", type=_acquisitions, default=d.acquisitions, metavar="A,B,...",
                         help="compared with iid (default: %s)" % ",".join(d.acquisitions))
     parser.add_argument("--no-ase", dest="ase", action="store_false", help="leave out the ASE estimate")
+    parser.add_argument("--no-probe", dest="probe", action="store_false",
+                        help="leave out the probe surrogate (a probe on the zero-shot target's activations, "
+                             "trained on the same --icl examples, beside the in-context surrogate)")
     parser.add_argument("--runs", type=int, default=d.runs, help="runs per sweep (default: %(default)s)")
     parser.add_argument("--size", type=int, default=d.size, help="labels acquired per run (default: %(default)s)")
     parser.add_argument("--clip", type=float, default=d.clip,
@@ -713,7 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "writes, every process computes")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_model_commands, _add_demo_command, _add_probing_commands, _add_evaluate_command,
-                _add_acquire_command, _add_active_experiment_command):
+                _add_acquire_command, _add_propose_command, _add_estimate_command,
+                _add_active_experiment_command):
         add(subparsers)
     return parser
 

@@ -26,10 +26,11 @@ BUILTIN = {
 _LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_split(source: str, split: str, *, text_column: str = "text", label_column: str = "label",
-               extra_columns: tuple[str, ...] = ()):
+def load_split(source: str, split: str, *, text_column: str = "text", label_column: str | None = "label",
+               extra_columns: tuple[str, ...] = (), optional_label: bool = False):
     """Load one split as a `datasets.Dataset` with columns `text` and `label` (then `extra_columns`,
-    under their own names, e.g. MMLU's `choices` and `subject`).
+    under their own names, e.g. MMLU's `choices` and `subject`); `text` only when `label_column` is
+    None, or with `optional_label` when the data has no such column: an unlabelled set.
 
     `source` is a built-in name (`imdb`, `sst2`, `subj`, `fpb`, `hs18`, `mmlu`), a local
     .csv/.tsv/.json/.jsonl/.parquet file (one split: `split` is only a label then), or anything
@@ -70,15 +71,17 @@ def load_split(source: str, split: str, *, text_column: str = "text", label_colu
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if len(ds) == 0:
         raise UserError(f"dataset {source!r} split {split!r} holds no rows")
+    if optional_label and label_column not in ds.column_names:
+        label_column = None
     for col, what in ((text_column, "--text-column"), (label_column, "--label-column"),
                       *((c, "a column the task reads") for c in extra_columns)):
-        if col not in ds.column_names:
+        if col is not None and col not in ds.column_names:
             raise UserError(f"dataset {source!r} has no column {col!r} ({what}); "
                             f"columns are {ds.column_names}")
-    ds = ds.select_columns([text_column, label_column, *extra_columns])
+    ds = ds.select_columns([text_column] + ([label_column] if label_column is not None else []) + list(extra_columns))
     if text_column != "text":
         ds = ds.rename_column(text_column, "text")
-    if label_column != "label":
+    if label_column is not None and label_column != "label":
         ds = ds.rename_column(label_column, "label")
     return ds
 

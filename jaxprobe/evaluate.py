@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -112,6 +113,10 @@ class EvaluateConfig:
     group_column: str | None = None        # metrics per group as well (MMLU: subject)
     keep_labels: tuple[int, ...] | None = None  # rows with other labels are dropped first (HS: 0, 1)
     icl_split: str | None = None           # ICL candidates from this split (None: from `split`)
+    no_labels: bool = False  # logits only; also when the data has no --label-column
+    # None: logits only. N: also every hook point's activation (same forward pass) for pool and
+    # test, and subset `examples`: the N labelled examples `--icl N` would pick (a probe surrogate's)
+    activations: int | None = None
 
     @property
     def resolved_instruction(self) -> str:
@@ -153,7 +158,7 @@ def subset_rows(record: dict, name: str) -> np.ndarray:
 def rows_digest(texts, labels) -> str:
     """sha256 over `f"{label}\\t{text}\\n"` of the given rows, in order (data/README.md's hash)."""
     h = hashlib.sha256()
-    for text, label in zip(texts, labels):
+    for text, label in zip(texts, [""] * len(texts) if labels is None else labels):
         h.update(f"{label}\t{text}\n".encode("utf-8"))
     return h.hexdigest()
 
@@ -178,9 +183,10 @@ class LabelledSplit:
         self.source = f"{config.dataset} split {split}"
         extra = tuple(c for c in (config.choices_column, config.group_column) if c is not None)
         self.dataset = load_split(config.dataset, split, text_column=config.text_column,
-                                  label_column=config.label_column, extra_columns=extra)
+                                  label_column=None if config.no_labels else config.label_column,
+                                  extra_columns=extra, optional_label=True)
         self.choices_column, self.group_column = config.choices_column, config.group_column
-        if config.keep_labels is not None:
+        if config.keep_labels is not None and "label" in self.dataset.column_names:
             keep = np.isin(np.asarray(self.dataset["label"]), np.asarray(config.keep_labels))
             self.dataset = self.dataset.select(np.flatnonzero(keep))
             self.source += f" (labels {list(config.keep_labels)} kept)"
@@ -188,9 +194,13 @@ class LabelledSplit:
                 raise UserError(f"{self.source}: no rows left")
         self.n_rows = len(self.dataset)
         self.label_words = config.label_words
-        self._raw_labels = np.asarray(self.dataset["label"])
+        self.labelled = "label" in self.dataset.column_names
+        self._raw_labels = np.asarray(self.dataset["label"]) if self.labelled else None
 
-    def labels(self, rows: np.ndarray) -> np.ndarray:
+    def labels(self, rows: np.ndarray) -> np.ndarray | None:
+        """Class ids of `rows`, or None for an unlabelled split."""
+        if not self.labelled:
+            return None
         raw = self._raw_labels[rows]
         k = len(self.label_words)
         if raw.dtype.kind in "UO":  # string labels: must be the label words themselves
@@ -357,22 +367,45 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
         raise UserError("a query format with {choices} needs a choices column, and the other way round")
     config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype))  # recorded concrete
     split = LabelledSplit(config)
+    if not split.labelled:
+        if config.icl:
+            raise UserError(f"--icl {config.icl} needs labelled in-context examples, but {split.source} is "
+                            "evaluated without labels (--no-labels or no label column)")
+        # nothing to hold out or to pick examples from: the whole draw goes to the pool
+        config = dataclasses.replace(config, **{k: 0 for k in ("test_size", "icl_candidates")
+                                                if getattr(config, k) is None and config.subsets is None})
+        log(f"{split.source}: evaluating without labels (logits only)")
+    if config.activations is not None and (config.icl or config.activations < 0):
+        raise UserError(f"--activations {config.activations} needs --icl 0 (with examples in the prompt, a probe "
+                        "example's own label would be in its context) and N >= 0")
+    if config.activations and not split.labelled:
+        raise UserError(f"--activations {config.activations} picks labelled probe examples, but {split.source} "
+                        "has no labels; use --activations 0")
+    if config.activations and _own_icl_split(config):
+        raise UserError(f"--activations {config.activations} picks probe examples from the pool's own split, but "
+                        f"this task draws in-context examples from split {config.icl_split!r}; use --activations 0")
     icl_split = LabelledSplit(config, config.icl_split) if _own_icl_split(config) else split
     subsets = make_or_load_subsets(config, split, icl_split)
     k = len(config.label_words)
     candidate_rows = subset_rows(subsets, "icl_candidates")
     icl_positions = select_icl_examples(icl_split.labels(candidate_rows), config.icl, n_classes=k,
-                                        seed=config.icl_seed, selection=config.icl_selection)
+                                        seed=config.icl_seed, selection=config.icl_selection) \
+        if icl_split.labelled else np.zeros(0, np.int64)
     icl_rows = candidate_rows[icl_positions]
     icl_choices = icl_split.choices(icl_rows) or [None] * len(icl_rows)
     icl_examples = [(text, config.label_words[label], *([c] if c is not None else []))
-                    for text, label, c in zip(icl_split.texts(icl_rows), icl_split.labels(icl_rows), icl_choices)]
+                    for text, label, c in zip(icl_split.texts(icl_rows), icl_split.labels(icl_rows), icl_choices)] \
+        if icl_split.labelled else []
 
     if lm is None:
         from jaxprobe.runner import load_model
 
         lm = load_model(config.model, dtype=config.dtype, mesh_shape=config.mesh)
     rows = {name: subset_rows(subsets, name) for name in SUBSET_NAMES if len(subsets["rows"][name])}
+    if config.activations:  # the examples an N-shot evaluation with the same subsets puts in its prompt
+        rows["examples"] = candidate_rows[select_icl_examples(
+            split.labels(candidate_rows), config.activations, n_classes=k, seed=config.icl_seed,
+            selection=config.icl_selection)]
     prompts = {name: build_prompts(split.texts(r), instruction=config.resolved_instruction,
                                    answer_word=config.answer_word, examples=icl_examples,
                                    fmt=config.prompt_format, choices=split.choices(r))
@@ -381,6 +414,10 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
     label_token_ids = resolve_label_tokens(lm.tokenize, prompts["pool"][0], config.label_words,
                                            multi_token=config.multi_token_labels, decode=decode)
     settings = _settings(config, subsets, lm, label_token_ids, icl_rows)
+    if not split.labelled:
+        settings["labelled"] = False  # only then: labelled folders keep their settings
+    if config.activations is not None:
+        settings["activations"] = config.activations
     claim = lambda: claim_folder(out, "meta.json", settings, what="an evaluation", format=EVALUATION_FORMAT)  # noqa: E731
     if processes.decided(claim) is None:
         save_json(out / "meta.json", {  # first: it names the folder's settings
@@ -395,7 +432,8 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
             "icl": {"n": config.icl, "selection": config.icl_selection, "seed": config.icl_seed,
                     "rows": icl_rows.tolist(), "labels": [e[1] for e in icl_examples],
                     **({"split": config.icl_split} if config.icl_split is not None else {})},
-            "example_prompt": prompts["pool"][0], "settings": settings})
+            "example_prompt": prompts["pool"][0], "settings": settings,
+            **({} if split.labelled else {"labelled": False})})
     if not (out / "subsets.json").is_file():
         save_json(out / "subsets.json", {k_: v for k_, v in subsets.items() if k_ != "subsets_id"})
 
@@ -408,12 +446,14 @@ def run_evaluate(config: EvaluateConfig, *, lm=None, log=print) -> Path:
         _evaluate_shards(lm, ids, out, config=config, label_token_ids=label_token_ids, prefix=prefix, rows=rows)
         for name in todo:
             _finish_subset(out / name, rows[name], split.labels(rows[name]), k, config.shard_size,
-                           extra={"prefix_tokens_cached": len(prefix)}, groups=split.groups(rows[name]))
+                           extra={"prefix_tokens_cached": len(prefix)}, groups=split.groups(rows[name]),
+                           activations=_activation_shape(lm) if config.activations is not None else None)
     metrics = processes.decided(lambda: {name: _finished_subset(out, name, rows[name], split.labels(rows[name]), k)
                                          for name in rows})
     for name, m in metrics.items():
-        log(f"{lm.name} {config.icl}-shot {name}: n={m['n']} accuracy={m['accuracy']:.4f} "
-            f"cross-entropy={m['cross_entropy']:.4f}")
+        log(f"{lm.name} {config.icl}-shot {name}: n={m['n']} " + (
+            f"accuracy={m['accuracy']:.4f} cross-entropy={m['cross_entropy']:.4f}" if split.labelled
+            else "(no labels: logits only)"))
     return out
 
 
@@ -421,12 +461,12 @@ def _finished_subset(out: Path, name: str, rows: np.ndarray, labels: np.ndarray,
     """A finished subset's metrics, after checking its arrays are still what this run wrote."""
     from jaxprobe.active.inputs import load_evaluation
 
-    ev = load_evaluation(out, name, flag="--out")
+    ev = load_evaluation(out, name, flag="--out", need_labels=labels is not None)
     if ev.logits.shape != (len(rows), n_classes) or not np.array_equal(ev.indices, rows) \
-            or not np.array_equal(ev.labels, labels):
+            or (labels is not None and not np.array_equal(ev.labels, labels)):
         raise UserError(f"{out / name}: damaged (its arrays are not what this evaluation wrote); "
                         "delete the folder and evaluate again")
-    for key in ("n", "accuracy", "cross_entropy"):
+    for key in ("n", "accuracy", "cross_entropy") if labels is not None else ("n",):
         if not isinstance(ev.metrics.get(key), (int, float)):
             raise UserError(f"{out / name / 'metrics.json'}: {key} is not a number; delete the folder "
                             "and evaluate again")
@@ -439,7 +479,11 @@ def _evaluate_shards(lm, prompts: dict[str, list[list[int]]], out: Path, *, conf
 
     writers = {name: ShardedArrayWriter(out / name, len(texts), (len(label_token_ids),), config.shard_size)
                for name, texts in prompts.items()}
-    work = [(name, index) for name, writer in writers.items() for index in writer.pending()]
+    act_writers = {name: ShardedArrayWriter(out / name / ACTIVATION_SHARDS, len(texts), _activation_shape(lm),
+                                            config.shard_size)
+                   for name, texts in prompts.items()} if config.activations is not None else {}
+    work = sorted({(name, index) for name, writer in {**writers, **act_writers}.items()
+                   for index in writer.pending()})
     total = sum(len(t) for t in prompts.values())
     done_rows = total - sum(writers[name].slices[index].stop - writers[name].slices[index].start
                             for name, index in work)
@@ -449,33 +493,50 @@ def _evaluate_shards(lm, prompts: dict[str, list[list[int]]], out: Path, *, conf
                disable=not config.progress, dynamic_ncols=True)
     for name, index in work:
         part = writers[name].slices[index]
-        logits = lm.logits(prompts[name][part], token_ids=label_token_ids, prefix_tokens=prefix,
-                           batch_size=config.batch_size)
+        # one forward pass for the logits and, with --activations, every hook point's activation
+        found = lm.run(prompts[name][part], activations=bool(act_writers), token_ids=label_token_ids,
+                       prefix_tokens=prefix, batch_size=config.batch_size)
+        logits = found["logits"]
         bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
         if bad.size:
             raise UserError(f"{config.model} gave a NaN or infinite logit for {name} row "
                             f"{rows[name][part.start + bad[0]]} of {config.dataset}; try --dtype float32")
         writers[name].write(index, logits)
+        if act_writers:
+            act_writers[name].write(index, found["activations"])
         bar.update(part.stop - part.start)
     bar.close()
 
 
+ACTIVATION_SHARDS = "activation_shards"
+
+
+def _activation_shape(lm) -> tuple[int, int]:
+    return (lm.n_hook_points, lm.config.d_model)
+
+
 def _finish_subset(subset_dir: Path, rows: np.ndarray, labels: np.ndarray, n_classes: int, shard_size: int,
-                   extra: dict, groups: list[str] | None = None) -> None:
+                   extra: dict, groups: list[str] | None = None,
+                   activations: tuple[int, int] | None = None) -> None:
     if not processes.is_writer():
         return
     ShardedArrayWriter(subset_dir, len(rows), (n_classes,), shard_size).merge(subset_dir / "logits.npy")
+    if activations is not None:
+        acts = ShardedArrayWriter(subset_dir / ACTIVATION_SHARDS, len(rows), activations, shard_size)
+        acts.merge(subset_dir / "activations.npy")
+        shutil.rmtree(subset_dir / ACTIVATION_SHARDS, ignore_errors=True)
     logits = load_npy(subset_dir / "logits.npy")
-    save_npy(subset_dir / "labels.npy", labels)
+    if labels is not None:
+        save_npy(subset_dir / "labels.npy", labels)
     save_npy(subset_dir / "indices.npy", rows)
+    found = label_metrics(logits, labels) if labels is not None else {"n": len(rows), "labelled": False}
     by_group = {}
-    if groups is not None:  # e.g. MMLU per subject: n, accuracy, cross-entropy of that subject's rows
+    if groups is not None and labels is not None:  # e.g. MMLU per subject: n, accuracy, cross-entropy
         groups = np.asarray(groups)
         for g in sorted(set(groups.tolist())):
             m = label_metrics(logits[groups == g], labels[groups == g])
             by_group[g] = {key: m[key] for key in ("n", "accuracy", "cross_entropy")}
-    save_json(subset_dir / "metrics.json", {**label_metrics(logits, labels), **extra,
-                                            **({"by_group": by_group} if groups is not None else {})})
+    save_json(subset_dir / "metrics.json", {**found, **extra, **({"by_group": by_group} if by_group else {})})
 
 
 def _describe_format(config: EvaluateConfig) -> str:

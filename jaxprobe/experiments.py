@@ -212,6 +212,9 @@ def probe_experiment_tasks(cfg: ProbeExperimentConfig, log: Callable[[str], None
 EXPERIMENT_FORMAT = "jaxprobe.active-experiment/1"
 
 
+PROBE_PREFIX = "probe-"  # sweeps with the probe surrogate: probe-cross-entropy, ...
+
+
 # Sized for about 8 minutes on 2 CPU cores with SmolLM2 (the 50-shot prompts cost ~5x a zero-shot
 # one even with the prefix cache: attention over ~1,200 cached tokens); the paper used 10k/10k.
 EXPERIMENT_SIZES = {**DEFAULT_SIZES, "pool_size": 1000, "test_size": 500}
@@ -239,6 +242,9 @@ class ActiveExperimentConfig:
     temperature: float | None = None
     sweep_seed: int = 0
     budget_offset: bool = True  # zero-shot target: k active labels vs icl + k uniform ones (paper)
+    # beside the in-context surrogate: a probe on the zero-shot target's activations, trained on
+    # the same `icl` labelled examples (one forward pass: evaluate --activations icl)
+    probe: bool = True
     paper_scale: bool = False
     evaluate: EvaluateConfig = EvaluateConfig(out="")
     progress: bool = True
@@ -276,7 +282,8 @@ class ActiveExperimentConfig:
         return {"model": self.model, "surrogate_model": self.surrogate_model, "icl": self.icl,
                 "acquisitions": list(self.acquisitions), "ase": self.ase, "runs": self.runs,
                 "size": self.size, "clip": self.clip, "temperature": self.temperature,
-                "sweep_seed": self.sweep_seed, "budget_offset": self.budget_offset, "evaluate": ev, **extra}
+                "sweep_seed": self.sweep_seed, "budget_offset": self.budget_offset, "evaluate": ev, **extra,
+                **({"probe": True} if self.probe else {})}
 
 
 def with_task(config: ActiveExperimentConfig, task, *, icl: int | None = None,
@@ -314,7 +321,7 @@ def active_experiment_tasks(config: ActiveExperimentConfig, task_list: list, *, 
 
 
 def _sweep(target, surrogate, *, acquisition: str, config: ActiveExperimentConfig, true_risk: float,
-           folder: Path) -> np.ndarray:
+           folder: Path, surrogate_logits: np.ndarray | None = None) -> np.ndarray:
     """estimates [size, runs] of one acquisition with LURE (iid: the plain mean, as `acquire`'s
     baseline), from `folder` if already finished; a killed sweep resumes from its checkpoint."""
     final = folder / "estimates.npy"
@@ -325,7 +332,8 @@ def _sweep(target, surrogate, *, acquisition: str, config: ActiveExperimentConfi
                             f"[{config.size}, {config.runs}]; delete it and rerun to recompute it")
         return estimates
     uniform = acquisition == "iid"
-    estimates = run_sweep(target.logits, surrogate.logits, target.labels, acquisition=acquisition,
+    surrogate_logits = surrogate.logits if surrogate_logits is None else surrogate_logits
+    estimates = run_sweep(target.logits, surrogate_logits, target.labels, acquisition=acquisition,
                           estimator="mean" if uniform else "lure", runs=config.runs, size=config.size,
                           seed=config.sweep_seed, clip=None if uniform else config.clip,
                           temperature=config.temperature, true_risk=true_risk,
@@ -388,6 +396,13 @@ def active_experiment(config: ActiveExperimentConfig, *, log=print) -> dict:
     if not processes.is_writer():
         return {}  # the models' part is done; the sweeps run on process 0's evaluations, on its own
     surrogate = evaluations.pop("surrogate")
+    probe = None
+    if config.probe:  # the probe surrogate: trained on the zero-shot target's activations of the icl examples
+        from jaxprobe.active.probe_surrogate import probe_surrogate
+
+        probe, info = probe_surrogate(load_evaluation(evaluations["0shot"][0], "pool"))
+        log(f"probe surrogate: hook point {info['layer']} by {len(info['cv_log_loss'])}-layer cross-validation on "
+            f"{info['examples']} examples (held-out log-loss {min(info['cv_log_loss']):.4f})")
     per_target = {}
     truth_names = TRUTHS if config.resolved_evaluate.test_size else ("pool",)
     for target_name, (folder, offset) in evaluations.items():
@@ -402,8 +417,15 @@ def active_experiment(config: ActiveExperimentConfig, *, log=print) -> dict:
             folder = out / "sweeps" / target_name / method
             log(f"sweep: target {target_name}, {METHOD_NAMES.get(method, method)}, {config.runs} runs x "
                 f"{config.size} labels" + (" (done before)" if (folder / "estimates.npy").is_file() else ""))
-            estimates[method] = _sweep(pool, surrogate, acquisition=method, config=config,
-                                       true_risk=truths[config.truth], folder=folder)
+            estimates[method] = _sweep(pool, surrogate, acquisition=method, config=config, true_risk=truths[config.truth],
+                                       folder=folder)
+        if probe is not None:
+            for method in config.acquisitions:
+                name = PROBE_PREFIX + method
+                folder = out / "sweeps" / target_name / name
+                log(f"sweep: target {target_name}, {method} with the probe surrogate")
+                estimates[name] = _sweep(pool, surrogate, acquisition=method, config=config, true_risk=truths[config.truth],
+                                         folder=folder, surrogate_logits=probe.logits)
         if config.ase:  # labels play no part: one constant estimate, a single "run"
             estimates["ase"] = np.full((config.size, 1), ase_estimate(pool.logits, surrogate.logits,
                                                                        config.temperature))
@@ -437,7 +459,8 @@ def _run_evaluations(config: ActiveExperimentConfig, out: Path, log) -> dict:
                f"{config.icl}shot": out / "evaluations" / f"target-{config.icl}shot"}
     log(f"loading {config.model}")
     lm = load_model(config.model, dtype=base.dtype, mesh_shape=base.mesh)
-    zero = dataclasses.replace(base, out=str(folders["0shot"]), model=config.model, icl=0)
+    zero = dataclasses.replace(base, out=str(folders["0shot"]), model=config.model, icl=0,
+                               activations=config.icl if config.probe else None)
     run_evaluate(zero, lm=lm, log=log)
     same_rows = dict(pool_size=None, test_size=None, icl_candidates=None, seed=None,
                      subsets=str(folders["0shot"] / "subsets.json"))
@@ -499,6 +522,48 @@ def _report(config: ActiveExperimentConfig, out: Path, per_target: dict, log) ->
     log(f"wrote {out / 'table.md'}, {out / 'squared_error.png'}, {out / 'relative_error.png'}, "
         f"{out / 'results.json'}")
     return results
+
+
+# ---------------------------------------------------------------- propose -> label -> estimate
+
+def label_demo(experiment_out: str | Path, *, size: int = 100, log=print) -> dict:
+    """Active testing for real, once, on an active-experiment's zero-shot target: `propose` a queue
+    of `size` items (probe surrogate when the experiment had one, else the in-context one), label
+    it from the held-back truth, `estimate`, and print the estimate and interval next to the pool
+    value. Writes `queue/`, `labels-from-truth.csv` and `estimate.json` under `experiment_out`."""
+    import csv
+
+    from jaxprobe.active.interval import per_example_metrics
+    from jaxprobe.active.queue import (
+        EstimateConfig,
+        ProposeConfig,
+        estimate,
+        propose,
+        read_queue,
+    )
+
+    out = Path(experiment_out)
+    target = out / "evaluations" / "target-0shot"
+    few = sorted(p for p in (out / "evaluations").glob("*shot") if p.name != "target-0shot")
+    surrogate = "probe" if (target / "pool" / "activations.npy").is_file() else str(few[0])
+    ev = load_evaluation(target, "pool")
+    size = min(size, len(ev.labels))
+    propose(ProposeConfig(target=str(target), surrogate=surrogate, size=size, out=str(out / "queue")), log=log)
+    truth = dict(zip((str(i) for i in ev.indices.tolist()), ev.labels.tolist()))
+    labels = out / "labels-from-truth.csv"
+    with open(labels, "w", newline="") as f:  # the truth held back from propose, given as a labeller would
+        writer = csv.writer(f)
+        writer.writerow(["id", "label"])
+        writer.writerows((row["id"], truth[row["id"]]) for row in read_queue(out / "queue")[1])
+    result = estimate(EstimateConfig(queue=str(out / "queue"), labels=str(labels), out=str(out / "estimate.json")),
+                      log=log)
+    pool = {m: float(v.mean()) for m, v in per_example_metrics(ev.logits, ev.labels).items()}
+    for metric, m in result["metrics"].items():
+        inside = m["low"] <= pool[metric] <= m["high"]
+        log(f"  {metric}: estimate {m['estimate']:.4f}, 95% CI [{m['low']:.4f}, {m['high']:.4f}] from {size} labels "
+            f"({'probe' if surrogate == 'probe' else 'in-context'} surrogate); true pool value {pool[metric]:.4f} "
+            f"({'inside' if inside else 'OUTSIDE'} the interval)")
+    return {**result, "pool_truth": pool}
 
 
 # ---------------------------------------------------------------- demo

@@ -156,6 +156,8 @@ TABLE_BUDGETS = (50, 100, 200, 300, 400)
 METHOD_NAMES = {"iid": "Unif", "cross-entropy": "CE", "entropy": "Entropy", "nll": "NLL",
                 "nll-exact": "NLL (exact)", "self-entropy": "Self-entropy", "true-loss": "True loss",
                 "ase": "ASE"}
+METHOD_NAMES.update({f"probe-{k}": f"{v} (probe surrogate)" for k, v in list(METHOD_NAMES.items())
+                     if k not in ("iid", "ase")})
 
 
 def finite_or_none(values: np.ndarray) -> list:

@@ -195,3 +195,17 @@ def assert_near_hf(run: dict, row: int, model, ids, tol: float = 1e-3) -> None:
         assert err < tol, (row, layer, err)
     assert np.linalg.norm(run["logits"][row] - logits) / np.linalg.norm(logits) < tol
     assert run["logits"][row].argmax() == logits.argmax()
+
+
+def synthetic_pool(n: int, k: int, seed: int, *, sharpness: float = 0.8):
+    """(target logits, surrogate logits, labels) of a synthetic K-way pool: true class
+    probabilities softmax(z), z ~ N(0, 2^2); the target sees `sharpness` z plus N(0, 1) noise,
+    the surrogate z plus N(0, 1.5^2) noise, so both are informative and imperfect."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 2.0, (n, k))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    labels = (p.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1).astype(np.int64)
+    target = sharpness * z + rng.normal(0.0, 1.0, (n, k))
+    surrogate = z + rng.normal(0.0, 1.5, (n, k))
+    return target.astype(np.float32), surrogate.astype(np.float32), labels

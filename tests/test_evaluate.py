@@ -336,3 +336,38 @@ def test_smollm2_label_tokens_prefix_merge_and_cache(tmp_path):
     assert prompts[0] == prompt
     np.testing.assert_allclose(ev.logits, lm.logits(prompts, token_ids=[3524, 2731], batch_size=8), atol=1e-4)
     assert ev.metrics["prefix_tokens_cached"] >= len(alone) - 2
+
+
+def test_unlabelled_pool_writes_logits_only(tiny, tmp_path, capsys):
+    """Data without a label column (or --no-labels): logits and row indices, no labels; what needs
+    labels says so in one line; the logits equal a labelled run's on the same rows."""
+    import pandas as pd
+
+    from jaxprobe.cli import main
+
+    data = tmp_path / "unlabelled.parquet"
+    pd.read_parquet(tiny["data"]).drop(columns="label").to_parquet(data)
+    quiet = {"log": lambda *_: None, "lm": tiny["lm"]}
+    out = run_evaluate(_config(tiny, tmp_path / "u", dataset=str(data), icl=0, test_size=None, icl_candidates=None),
+                       **quiet)
+    assert not (out / "pool" / "labels.npy").exists() and not (out / "test").exists()
+    assert json.loads((out / "pool" / "metrics.json").read_text())["labelled"] is False
+    with pytest.raises(UserError, match="without labels"):
+        load_evaluation(out)
+    ev = load_evaluation(out, need_labels=False)
+    assert ev.labels is None and ev.logits.shape == (40, 2)
+    run_evaluate(_config(tiny, tmp_path / "u", dataset=str(data), icl=0, test_size=None, icl_candidates=None),
+                 **quiet)  # a finished unlabelled folder is recognised on a rerun
+    # --no-labels on labelled data: the same rows give the same logits as a labelled evaluation
+    labelled = run_evaluate(_config(tiny, tmp_path / "l", icl=0, test_size=0, icl_candidates=0), **quiet)
+    nolab = run_evaluate(_config(tiny, tmp_path / "n", icl=0, test_size=0, icl_candidates=0, no_labels=True), **quiet)
+    np.testing.assert_array_equal(load_evaluation(nolab, need_labels=False).logits, load_evaluation(labelled).logits)
+    with pytest.raises(UserError, match="needs labelled in-context examples"):
+        run_evaluate(_config(tiny, tmp_path / "i", dataset=str(data), icl=2), **quiet)
+    capsys.readouterr()
+    assert main(["acquire", "--target", str(out), "--acquisition", "iid", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "without labels" in err and not (tmp_path / "a").exists()
+    assert main(["propose", "--target", str(out), "--acquisition", "self-entropy", "--size", "5",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert (tmp_path / "q" / "queue.csv").is_file()

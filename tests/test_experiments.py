@@ -85,7 +85,15 @@ def test_experiment_end_to_end_resumes_and_refuses(tiny_setup, capsys):
     assert (f"|  | CE (LURE) | {curves['cross-entropy'][0] * 1e4:.4f} | {curves['cross-entropy'][4] * 1e4:.4f} |"
             in table)
     assert "beats iid" in printed or "does not beat iid" in printed
-    assert len(results["verdicts"]["test"]) == 2 * 4  # 2 targets x (3 acquisitions + ASE)
+    assert len(results["verdicts"]["test"]) == 2 * 7  # 2 targets x (3 acquisitions x 2 surrogates + ASE)
+    # beside the in-context surrogate, the probe on the zero-shot target's activations of the same 3 examples
+    zero_meta = json.loads((out / "evaluations" / "target-0shot" / "meta.json").read_text())
+    few_meta = json.loads((out / "evaluations" / "target-3shot" / "meta.json").read_text())
+    examples = np.load(out / "evaluations" / "target-0shot" / "examples" / "indices.npy")
+    assert zero_meta["settings"]["activations"] == 3 and examples.tolist() == few_meta["icl"]["rows"]
+    assert "CE (probe surrogate) (LURE)" in table
+    for target in ("0shot", "3shot"):
+        assert np.isfinite(np.load(out / "sweeps" / target / "probe-cross-entropy" / "estimates.npy")).all()
 
     # A rerun reuses every stage; a lost sweep is recomputed to the same bits.
     before = _outputs(out)
@@ -255,3 +263,22 @@ def test_probe_experiment_task_all_writes_one_report(tiny_setup, monkeypatch, ca
     assert "| fpb-1shot | logreg |" in report and "| mmlu-1shot | logreg |" in report
     for name, k in (("fpb", 3), ("mmlu", 4)):
         assert json.loads((out / name / "probes" / "results.json").read_text())["n_classes"] == k
+
+
+def test_label_demo_proposes_labels_from_truth_and_estimates(tiny_setup, capsys):
+    from jaxprobe import cli
+    from jaxprobe.active.interval import per_example_metrics
+    from jaxprobe.experiments import label_demo
+
+    out = tiny_setup["root"] / "exp"
+    assert cli.main(_argv(tiny_setup, out)) == 0  # reused when the test above made it
+    result = label_demo(out, size=12)
+    printed = capsys.readouterr().out
+    pool = np.load(out / "evaluations" / "target-0shot" / "pool" / "logits.npy")
+    labels = np.load(out / "evaluations" / "target-0shot" / "pool" / "labels.npy")
+    truth = per_example_metrics(pool, labels)
+    assert result["labels_used"] == 12 and json.loads((out / "estimate.json").read_text())["labels_used"] == 12
+    for metric in ("loss", "accuracy"):
+        assert result["pool_truth"][metric] == pytest.approx(truth[metric].mean())
+        assert f"true pool value {truth[metric].mean():.4f}" in printed
+    assert "probe surrogate" in printed

@@ -24,6 +24,7 @@ import numpy as np
 from jaxprobe.active.bootstrap import bootstrap_study
 from jaxprobe.active.estimators import NEEDS_SURROGATE, ase_estimate, mean_loss
 from jaxprobe.active.inputs import check_same_rows, load_evaluation
+from jaxprobe.active.predictions import is_predictions_file, load_acquire_input
 from jaxprobe.active.sweep import (
     DEFAULT_CHUNK_RUNS,
     SweepConfig,
@@ -55,6 +56,7 @@ class AcquireConfig:
     bootstrap_resamples: int = 1000
     bootstrap_variance: str = "paper"
     bootstrap_budgets: tuple[int, ...] | None = None
+    refit_every: int = 0  # with --surrogate probe: refit it every N acquired labels (0: never)
     chunk_runs: int = DEFAULT_CHUNK_RUNS
     threads: int = 2
     checkpoint_every: float = 30.0
@@ -63,15 +65,21 @@ class AcquireConfig:
 
 def load_inputs(config: AcquireConfig):
     """(target pool, surrogate pool or None, target test or None) as checked `Evaluation`s."""
-    target = load_evaluation(config.target, "pool", flag="--target")
+    target = load_acquire_input(config.target, flag="--target")  # an evaluate folder or a predictions file
     needs_surrogate = config.sweep.acquisition in NEEDS_SURROGATE or config.sweep.estimator == "ase"
     surrogate = None
-    if config.surrogate is not None:
-        surrogate = load_evaluation(config.surrogate, "pool", flag="--surrogate")
+    if config.surrogate == "probe":  # a probe on the target's own activations (evaluate --activations)
+        from jaxprobe.active.probe_surrogate import probe_surrogate
+
+        surrogate = probe_surrogate(target)[0]
+    elif config.surrogate is not None:
+        surrogate = load_acquire_input(config.surrogate, flag="--surrogate", like=target)
         check_same_rows(target, surrogate)
     elif needs_surrogate:
         raise UserError(f"--acquisition {config.sweep.acquisition} / --estimator {config.sweep.estimator} "
                         f"needs --surrogate DIR")
+    if config.true_risk == "test" and is_predictions_file(config.target):
+        raise UserError(f"--target {config.target} is a predictions file, with no test subset; use --true-risk pool")
     test = load_evaluation(config.target, "test", flag="--target") if config.true_risk == "test" else None
     return target, surrogate, test
 
@@ -147,6 +155,10 @@ def _check_flags(config: AcquireConfig) -> None:
                                ("--checkpoint-every", config.checkpoint_every, 0)):
         if value < least:
             raise UserError(f"{flag} must be at least {least}, not {value}")
+    if config.refit_every and (config.surrogate != "probe" or config.sweep.acquisition != "cross-entropy"
+                               or config.sweep.estimator != "lure" or config.bootstrap or config.refit_every < 0):
+        raise UserError("--refit-every needs --surrogate probe, --acquisition cross-entropy, --estimator lure "
+                        "and no --bootstrap")
     if config.bootstrap > config.sweep.runs:
         raise UserError(f"--bootstrap {config.bootstrap} is more than --runs {config.sweep.runs}")
 
@@ -180,6 +192,10 @@ def _run_acquire_checked(config: AcquireConfig, out: Path, target, surrogate, te
     if sweep.estimator == "ase":
         estimates = np.full((sweep.size, sweep.runs), ase_estimate(target.logits, surrogate_logits, sweep.temperature))
         pool = None
+    elif config.refit_every:  # the probe refitted inside each run: its own vmapped sampler
+        from jaxprobe.active.probe_surrogate import refit_sweep
+
+        estimates, pool = refit_sweep(target, sweep, config.refit_every, progress=config.progress), None
     else:
         pool = prepare_pool(target.logits, surrogate_logits, target.labels, sweep)
         estimates = sweep_pool(pool, sweep, checkpoint_dir=out / "checkpoint", desc=sweep.acquisition, **common)

@@ -25,7 +25,7 @@ class Evaluation:
     directory: Path
     subset: str
     logits: np.ndarray   # float32 [N, K]
-    labels: np.ndarray   # int64 [N]
+    labels: np.ndarray | None  # int64 [N]; None for a pool evaluated without labels
     indices: np.ndarray  # int64 [N], rows of the source split
     meta: dict
     metrics: dict
@@ -35,8 +35,11 @@ class Evaluation:
         return self.logits.shape[1]
 
 
-def load_evaluation(directory: str | Path, subset: str = "pool", *, flag: str = "--target") -> Evaluation:
-    """Read `directory/<subset>` with every check a consumer needs; errors name `flag` and the file."""
+def load_evaluation(directory: str | Path, subset: str = "pool", *, flag: str = "--target",
+                    need_labels: bool = True) -> Evaluation:
+    """Read `directory/<subset>` with every check a consumer needs; errors name `flag` and the file.
+    A subset evaluated without labels (`evaluate --no-labels`) is refused in one line unless
+    `need_labels` is False; its `labels` are then None."""
     directory = Path(directory)
     meta_path, sub = directory / "meta.json", directory / subset
     if not meta_path.is_file():
@@ -47,7 +50,14 @@ def load_evaluation(directory: str | Path, subset: str = "pool", *, flag: str = 
             subset == "test" and meta["sizes"].get("test_size") == 0) else "is not finished"
         raise UserError(f"{flag} {directory}: {subset} {what}; rerun its jaxprobe evaluate command")
     metrics = load_json_object(sub / "metrics.json")
-    logits, labels, indices = (load_npy(sub / f"{name}.npy") for name in ("logits", "labels", "indices"))
+    if meta.get("labelled") is False:
+        if need_labels:
+            raise UserError(f"{flag} {directory}: evaluated without labels (--no-labels or no label column), "
+                            "and this needs them; label a queue with jaxprobe propose / estimate instead")
+        logits, indices = (load_npy(sub / f"{name}.npy") for name in ("logits", "indices"))
+        labels = np.zeros(len(logits), np.int64)  # checked below like real labels, then dropped
+    else:
+        logits, labels, indices = (load_npy(sub / f"{name}.npy") for name in ("logits", "labels", "indices"))
     name = f"{flag} {sub / 'logits.npy'}"
     if logits.ndim != 2 or logits.shape[1] < 2 or logits.dtype.kind != "f":
         raise UserError(f"{name}: expected float logits [N, K>=2], got {logits.dtype} {logits.shape}")
@@ -66,7 +76,8 @@ def load_evaluation(directory: str | Path, subset: str = "pool", *, flag: str = 
                         f"0..{logits.shape[1] - 1} for K={logits.shape[1]} logits")
     if indices.dtype.kind not in "iu":
         raise UserError(f"{flag} {sub / 'indices.npy'}: row indices must be integers, not {indices.dtype}")
-    return Evaluation(directory, subset, logits.astype(np.float32, copy=False), labels.astype(np.int64),
+    return Evaluation(directory, subset, logits.astype(np.float32, copy=False),
+                      None if meta.get("labelled") is False else labels.astype(np.int64),
                       indices.astype(np.int64), meta, metrics)
 
 
