@@ -323,8 +323,9 @@ def make_or_load_subsets(config: EvaluateConfig, split: LabelledSplit,
                             f"this run from {config.icl_split!r}")
     rows = np.concatenate([subset_rows(record, k) for k in ("pool", "test")])
     icl = subset_rows(record, "icl_candidates")
+    labelled = split.labelled and icl_split.labelled
     digest = rows_digest(split.texts(rows) + icl_split.texts(icl),
-                         np.concatenate([split.labels(rows), icl_split.labels(icl)]))
+                         np.concatenate([split.labels(rows), icl_split.labels(icl)]) if labelled else None)
     if config.subsets is not None and digest != record["rows_sha256"]:
         raise UserError(f"--subsets {config.subsets}: its rows hold different texts or labels in "
                         f"{split.source} (was it made from another dataset or split?)")
