@@ -38,7 +38,7 @@ def save_checkpoint(out: Path, cfg: LlamaConfig,
 
     out = Path(out).absolute()
     if isinstance(params, Mapping):
-        params = _popped(dict(params) if not isinstance(params, dict) else params)
+        params = _popped(params if isinstance(params, dict) else dict(params))
     context = ocp.Context()
     context.memory.deepcopy_host_arrays = False  # each array is ours and is dropped once written
     with context:

@@ -183,7 +183,7 @@ def speed(root: Path, name: str, fields: dict, n_texts: int, batch_size: int, re
     row.update(new_shape_cold_s=cold, new_shape_warm_s=warm)
     from jaxprobe.batching import forward_flops
     row["tflops_warm_best"] = forward_flops(lm.config, 1, 1) * n_tokens / min(
-        row.get(f"{k}_warm_s", 1e9) for k in ("cudnn", "blocked", "xla")) / 1e12
+        row.get(f"{k}_warm_s", 1e9) for k in ("cudnn", "blocked")) / 1e12
     log(json.dumps(row))
     return row
 
