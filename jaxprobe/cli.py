@@ -755,9 +755,9 @@ def _add_active_experiment_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--acquisitions", type=_acquisitions, default=d.acquisitions, metavar="A,B,...",
                         help="compared with iid (default: %s)" % ",".join(d.acquisitions))
     parser.add_argument("--no-ase", dest="ase", action="store_false", help="leave out the ASE estimate")
-    parser.add_argument("--probe", action="store_true",
-                        help="add the probe surrogate (a probe on the zero-shot target's activations, "
-                             "trained on the same --icl examples) beside the in-context surrogate")
+    parser.add_argument("--no-probe", dest="probe", action="store_false",
+                        help="leave out the probe surrogate (a probe on the zero-shot target's activations, "
+                             "trained on the same --icl examples, beside the in-context surrogate)")
     parser.add_argument("--runs", type=int, default=d.runs, help="runs per sweep (default: %(default)s)")
     parser.add_argument("--size", type=int, default=d.size, help="labels acquired per run (default: %(default)s)")
     parser.add_argument("--clip", type=float, default=d.clip,

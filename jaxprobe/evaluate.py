@@ -483,7 +483,9 @@ def _evaluate_shards(lm, prompts: dict[str, list[list[int]]], out: Path, *, conf
     act_writers = {name: ShardedArrayWriter(out / name / ACTIVATION_SHARDS, len(texts), _activation_shape(lm),
                                             config.shard_size)
                    for name, texts in prompts.items()} if config.activations is not None else {}
-    work = sorted({(name, index) for name, writer in {**writers, **act_writers}.items()
+    # a shard is done when both its logits and (with --activations) its activations are on disk: a
+    # run killed between the two merges of a subset recomputes the shards of the merged one
+    work = sorted({(name, index) for group in (writers, act_writers) for name, writer in group.items()
                    for index in writer.pending()})
     total = sum(len(t) for t in prompts.values())
     done_rows = total - sum(writers[name].slices[index].stop - writers[name].slices[index].start

@@ -244,7 +244,7 @@ class ActiveExperimentConfig:
     budget_offset: bool = True  # zero-shot target: k active labels vs icl + k uniform ones (paper)
     # beside the in-context surrogate: a probe on the zero-shot target's activations, trained on
     # the same `icl` labelled examples (one forward pass: evaluate --activations icl)
-    probe: bool = False  # opt-in (--probe) until its resume after a crash is fixed
+    probe: bool = True
     paper_scale: bool = False
     evaluate: EvaluateConfig = EvaluateConfig(out="")
     progress: bool = True

@@ -309,6 +309,35 @@ def test_killed_cli_run_resumes_bit_identical(tiny, icl_run, capsys):
     np.testing.assert_allclose(load_evaluation(out).logits, load_evaluation(icl_run).logits, atol=1e-5)
 
 
+def test_crash_between_a_subsets_two_merges_resumes(tiny, monkeypatch, capsys):
+    """With --activations, a subset's logits and activations are merged one after the other; a run
+    killed between the two (logits.npy written, its shards gone) recomputes that subset's shards
+    on rerun and ends with the same bytes as an uninterrupted run."""
+    from jaxprobe import files
+
+    config = dict(icl=0, activations=2)
+    reference = tiny["root"] / "acts-reference"
+    run_evaluate(_config(tiny, reference, **config), lm=tiny["lm"], log=lambda *_: None)
+    out = tiny["root"] / "acts-killed"
+    real_merge = files.ShardedArrayWriter.merge
+
+    def merge(writer, path):
+        if Path(path).name == "activations.npy" and Path(path).parent.name == "test":
+            raise KeyboardInterrupt  # a kill: after test/logits.npy, before test/activations.npy
+        return real_merge(writer, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(files.ShardedArrayWriter, "merge", merge)
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluate(_config(tiny, out, **config), lm=tiny["lm"], log=lambda *_: None)
+    assert (out / "test" / "logits.npy").is_file() and not (out / "test" / "shards").exists()
+    run_evaluate(_config(tiny, out, **config), lm=tiny["lm"], log=lambda *_: None)
+    assert _snapshot(out).keys() == _snapshot(reference).keys()
+    for name, data in _snapshot(reference).items():
+        if name.endswith(".npy"):
+            assert _snapshot(out)[name] == data, name
+
+
 @pytest.mark.slow
 def test_smollm2_label_tokens_prefix_merge_and_cache(tmp_path):
     """The real model: SST-2 label tokens are 3524/2731, the ICL context tokenised alone is NOT a

@@ -42,7 +42,7 @@ def tiny_setup(tmp_path_factory, tiny_ckpt):
 def _argv(setup, out, *extra):
     return ["active-experiment", "--model", setup["model"], "--dataset", setup["data"],
             "--label-words", "a,positive", "--pool-size", "40", "--test-size", "20", "--icl-candidates", "20",
-            "--icl", "3", "--runs", "64", "--size", "30", "--batch-size", "8", "--no-progress", "--probe",
+            "--icl", "3", "--runs", "64", "--size", "30", "--batch-size", "8", "--no-progress",
             "--out", str(out), *extra]
 
 
