@@ -79,7 +79,10 @@ def main() -> None:
     few_dir = min(p for p in (out / "evaluations").glob("target-*shot") if p.name != "target-0shot")
     icl = load_evaluation(few_dir)
     for truth in ("pool", "test"):
-        print(f"\nmedian squared error x1e4 (true risk = {truth} loss)")
+        if not all(truth in data["median_se"] for data in results["targets"].values()):
+            continue  # e.g. FPB: no test subset, the pool loss is the truth
+        print(f"\nmedian squared error x1e4 (true risk = {truth} loss; columns: labels spent, the zero-shot "
+              "target's surrogates having used the in-context examples)")
         print("| target | method | " + " | ".join(map(str, BUDGETS)) + " | median rel. error vs iid |")
         print("|---" * (len(BUDGETS) + 3) + "|")
         for target, data in results["targets"].items():
@@ -87,8 +90,9 @@ def main() -> None:
                 curve = data["median_se"][truth].get(method)
                 if curve is None:
                     continue
-                cells = [f"{curve[b - 1] * 1e4:.4f}" if b <= len(curve) and curve[b - 1] is not None else "—"
-                         for b in BUDGETS]
+                offset = 0 if method == "iid" else data["budget_offset"]
+                cells = [f"{curve[b - offset - 1] * 1e4:.4f}" if 0 < b - offset <= len(curve)
+                         and curve[b - offset - 1] is not None else "—" for b in BUDGETS]
                 rel = data["median_relative_error"][truth].get(method)
                 print(f"| {target} | {method} | " + " | ".join(cells) + f" | {'' if rel is None else f'{rel:.3f}'} |")
     print(f"\nlabels for a 95% interval of +-{args.half_width} on accuracy ({args.runs} runs; first budget, in "
@@ -113,7 +117,7 @@ def main() -> None:
         se = np.median((est - truth) ** 2, axis=0)
         ests = np.load(out / "sweeps" / "0shot" / "probe-cross-entropy" / "estimates.npy")[:, :args.refit_runs]
         fixed = np.median((ests - truth) ** 2, axis=1)
-        print(f"\nprobe refitted every {args.refit_every} labels, 0shot target, {args.refit_runs} runs "
+        print(f"\nprobe refitted every {args.refit_every} labels, 0shot target, {args.refit_runs} runs, columns: acquired labels "
               f"({time.time() - t0:.0f}s), median squared error x1e4 vs pool loss")
         print("| labels | " + " | ".join(map(str, BUDGETS)) + " |\n|---" * 1 + "|---" * len(BUDGETS) + "|")
         print("| refit | " + " | ".join(f"{se[b - 1] * 1e4:.4f}" for b in BUDGETS) + " |")
