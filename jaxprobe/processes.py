@@ -76,27 +76,75 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def decided(decide: Callable[[], T]) -> T:
+def decided(decide: Callable[[], T], *, what: str = "deciding") -> T:
     """`decide()` run by process 0 alone, its JSON-able result (or its UserError) given to every
-    process: what the file system says, as process 0 sees it, is what every process acts on."""
+    process: what the file system says, as process 0 sees it, is what every process acts on.
+    The others wait for as long as it takes (a model's conversion can take an hour); should
+    process 0 fail otherwise, they stop with one line naming `what` it was doing."""
     if count() == 1:
         return decide()
+    key = _next_key()
     outcome: dict[str, Any] = {}
     if is_writer():
         try:
             outcome = {"value": decide()}
         except UserError as e:
             outcome = {"error": str(e)}
-    outcome = broadcast(outcome)
+        except BaseException as e:
+            _publish(key, {"failed": f"{type(e).__name__} in process 0 while {what}"})
+            raise
+        _publish(key, outcome)
+    else:
+        outcome = _receive(key, what)
+    if "failed" in outcome:
+        raise UserError(outcome["failed"] + " (see its output)")
     if "error" in outcome:
         raise UserError(outcome["error"])
     return outcome["value"]
 
 
-def broadcast(value: Any) -> Any:
-    """Process 0's JSON-able `value`, on every process."""
-    if count() == 1:
-        return value
+_sequence = [0]  # every process makes the same calls in the same order: the n-th key is shared
+_WAIT_MS = 60_000  # one wait on the key-value store; waiting goes on until process 0 answers
+
+
+def _next_key() -> str:
+    _sequence[0] += 1
+    return f"jaxprobe/decided/{_sequence[0]}"
+
+
+def _client():
+    """The distributed runtime's client (its key-value store carries the decisions: no device
+    collective, so no gloo or NCCL timeout while process 0 works); None when JAX found its
+    processes without `jax.distributed.initialize` (then a device collective carries them)."""
+    from jax._src import distributed  # the client Orbax's multihost helpers use too
+
+    return distributed.global_state.client
+
+
+def _publish(key: str, outcome: dict) -> None:
+    client = _client()
+    if client is not None:
+        client.key_value_set(key, json.dumps(outcome))
+    else:
+        _broadcast(outcome)
+
+
+def _receive(key: str, what: str) -> dict:
+    client = _client()
+    if client is None:
+        return _broadcast({})
+    while True:
+        try:
+            return json.loads(client.blocking_key_value_get(key, _WAIT_MS))
+        except Exception as e:  # the client raises its own runtime error type
+            if "DEADLINE_EXCEEDED" in str(e):
+                continue  # process 0 is still at it
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"process 0 stopped while {what}: {first}") from None
+
+
+def _broadcast(value: Any) -> Any:
+    """Process 0's JSON-able `value`, on every process, through a device collective."""
     import numpy as np
     from jax.experimental import multihost_utils
 
@@ -105,14 +153,6 @@ def broadcast(value: Any) -> Any:
     padded = np.zeros(size, np.uint8)
     padded[: data.size] = data[:size]
     return json.loads(bytes(multihost_utils.broadcast_one_to_all(padded)).decode())
-
-
-def barrier(name: str) -> None:
-    """Wait until every process reaches `name` (e.g. process 0 has finished writing)."""
-    if count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def to_global(array, sharding):

@@ -416,9 +416,13 @@ def load_model(src: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "auto",
     else:
         path = _converted_path(src, "float32")
         name = embedded_model(src) or Path(src).stem
-        if not checkpoint.is_checkpoint(path) and processes.is_writer():
-            _convert_once(src, path)
-        processes.barrier("jaxprobe: converted")  # the others wait for process 0's conversion
+        def convert_unless_done() -> bool:
+            if not checkpoint.is_checkpoint(path):
+                _convert_once(src, path)
+            return True
+
+        # process 0 converts; the others wait for it as long as it takes, and share its refusal
+        processes.decided(convert_unless_done, what=f"converting {src}")
         if not checkpoint.is_checkpoint(path):
             raise UserError(f"{path} (converted by process 0) is not visible here: $JAXPROBE_HOME must be "
                             "on a file system every process sees")

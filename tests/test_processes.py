@@ -153,6 +153,52 @@ def test_a_model_converted_on_first_use_is_converted_by_process_0_alone(setup, m
     assert (root / "from-hf" / "activations.npy").is_file()
 
 
+def test_a_refused_first_use_conversion_ends_both_processes_with_one_line(setup, monkeypatch):
+    """A truncated safetensors file as --model: process 0's refusal reaches process 1, which
+    waited for the conversion (before, process 1 died in a gloo timeout with a traceback)."""
+    from jaxprobe.testing import make_hf_model
+
+    root = setup["root"]
+    model = root / "truncated-hf"
+    make_hf_model(model, num_attention_heads=4, num_key_value_heads=2)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    monkeypatch.setenv("JAXPROBE_HOME", str(root / "home-truncated"))
+    argv = _extract(setup, root / "from-truncated")
+    argv[argv.index("--model") + 1] = str(model)
+    for code, err in run_two(argv, watch=root / "home-truncated"):
+        assert code == 2 and "Traceback" not in err, err[-1500:]
+        assert "model.safetensors: not a readable safetensors file" in err.splitlines()[-1]
+
+
+# Process 0 decides slowly (past several of the key-value store's waits), then fails with a bug.
+SLOW_THEN_BROKEN = textwrap.dedent("""
+    import sys, time
+    from jaxprobe import processes
+    from jaxprobe.errors import UserError
+    processes.start()
+    processes._WAIT_MS = 500
+    print("decided", processes.decided(lambda: time.sleep(2) or 42, what="sleeping"), flush=True)
+    try:
+        processes.decided(lambda: 1 / 0, what="dividing")
+    except UserError as e:
+        print("refused:", e, flush=True)
+""")
+
+
+def test_the_others_wait_for_a_slow_decision_and_hear_of_a_failure():
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", SLOW_THEN_BROKEN], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**_env(1), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                                           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)})
+             for pid in (0, 1)]
+    (out0, err0), (out1, err1) = (p.communicate(timeout=120) for p in procs)
+    assert procs[0].returncode == 1 and "ZeroDivisionError" in err0, err0[-1500:]
+    assert procs[1].returncode == 0, err1[-1500:]
+    assert out1.splitlines() == ["decided 42", "refused: ZeroDivisionError in process 0 while dividing "
+                                 "(see its output)"]
+
+
 def test_evaluate_in_two_processes_equals_one_process(setup):
     root = setup["root"]
     argv = ["evaluate", "--model", setup["model"], "--dataset", setup["data"], "--label-words", "a,positive",
