@@ -58,7 +58,7 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
     max_position: int = 4096
-    # Family switches (see FAMILY_SWITCHES in jaxprobe/convert.py for which family sets which):
+    # Family switches (see FAMILY_SWITCHES in jaxprobe/hf_mapping.py for which family sets which):
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     qk_norm: bool = False   # RMSNorm over each query and key head before RoPE (Qwen3)
     sliding_window: int | None = None  # each query sees only the last `sliding_window` keys (Mistral)

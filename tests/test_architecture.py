@@ -11,14 +11,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jaxprobe"
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 # module (dotted, under jaxprobe) -> what it must never import (dotted prefixes, under jaxprobe)
-MODEL_SIDE = ("model", "runner", "batching", "convert", "checkpoint", "sharding", "extract", "evaluate",
-              "experiments", "cli")
+MODEL_SIDE = ("model", "runner", "batching", "convert", "hf_mapping", "gguf_files", "source_paths",
+              "checkpoint", "sharding", "extract", "evaluate", "experiments", "cli")
 FORBIDDEN = {
     "active": MODEL_SIDE,                    # arrays in, arrays out
     "probes": MODEL_SIDE + ("active",),      # trainers on arrays
     "report": MODEL_SIDE + ("probes", "active.sweep", "active.sampler"),  # results dicts in, files out
     "store": MODEL_SIDE + ("probes", "active"),
-    "model": ("runner", "convert", "checkpoint", "store", "extract", "evaluate", "probes", "active", "cli"),
+    "model": ("runner", "convert", "hf_mapping", "gguf_files", "source_paths", "checkpoint", "store", "extract", "evaluate", "probes", "active", "cli"),
     "files": tuple(m for m in ("model", "runner", "store", "probes", "active", "cli", "data", "prompts")),
     "errors": ("",),                         # imports nothing of ours
     "sources": ("",),

@@ -321,7 +321,7 @@ def fake_gemma3_wheels(tmp_path, monkeypatch):
     """The layout of the five Gemma 3 270M wheels, with four small parts instead of the real ones."""
     import hashlib
 
-    from jaxprobe import convert as convert_module
+    from jaxprobe import source_paths
 
     parts = [bytes([i]) * (100 + i) for i in range(4)]
     folders = {}
@@ -335,13 +335,13 @@ def fake_gemma3_wheels(tmp_path, monkeypatch):
     digest = hashlib.sha256(b"".join(parts)).hexdigest()
     (main_folder / "data" / "SHA256SUMS").write_text(f"{digest}  gemma-3-270m-q4_k_m.gguf\n")
     folders[main_folder.name] = main_folder
-    monkeypatch.setattr(convert_module, "_package_folder", folders.get)
+    monkeypatch.setattr(source_paths, "_package_folder", folders.get)
     monkeypatch.setenv("JAXPROBE_HOME", str(tmp_path / "home"))
     return b"".join(parts), folders
 
 
 def test_gemma3_parts_are_joined_in_order_and_checked(fake_gemma3_wheels, tmp_path):
-    from jaxprobe.convert import gemma3_gguf_path, resolve_source
+    from jaxprobe.source_paths import gemma3_gguf_path, resolve_source
 
     whole, folders = fake_gemma3_wheels
     path = gemma3_gguf_path()
@@ -361,10 +361,10 @@ def test_gemma3_parts_are_joined_in_order_and_checked(fake_gemma3_wheels, tmp_pa
 
 
 def test_gemma3_not_installed_names_the_wheels(fake_gemma3_wheels, monkeypatch, capsys, tmp_path):
-    from jaxprobe import convert as convert_module
+    from jaxprobe import source_paths
 
     _, folders = fake_gemma3_wheels
-    monkeypatch.setattr(convert_module, "_package_folder",
+    monkeypatch.setattr(source_paths, "_package_folder",
                         lambda name: None if name.endswith("part4") else folders.get(name))
     assert main(["convert", "gemma3-270m", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import jaxprobe
-from jaxprobe.convert import gemma3_gguf_path
+from jaxprobe.source_paths import gemma3_gguf_path
 from jaxprobe.data import load_split
 from jaxprobe.testing import assert_near_hf
 
